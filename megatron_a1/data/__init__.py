@@ -1,0 +1,1 @@
+"""Trajectory data: rendering, loss masks, indexed datasets, packing and loading."""
