@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -44,7 +45,9 @@ def _worker(fn, rank, world_size, port, env, args, out_q):
     )
     try:
         result = fn(rank, world_size, *args)
-        out_q.put((rank, True, result))
+        # Plain pickle, not the queue's: torch's queue pickler shares tensors through file
+        # descriptors that die with this process.
+        out_q.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         out_q.put((rank, False, traceback.format_exc()))
     finally:
@@ -98,7 +101,10 @@ def run_multirank(
                     if r not in results and r not in failures and p.exitcode not in (None, 0):
                         failures[r] = f"process exited with code {p.exitcode} without reporting"
                 continue
-            (results if ok else failures)[rank] = payload
+            if ok:
+                results[rank] = pickle.loads(payload)
+            else:
+                failures[rank] = payload
             if not ok:
                 # The other ranks are probably blocked in a collective with the dead one:
                 # give them a moment to report their own errors, then stop waiting.
