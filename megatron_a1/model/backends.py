@@ -29,10 +29,8 @@ class A1LocalSpecProvider(LocalSpecProvider):
         return RMSNorm
 
     def core_attention(self) -> type:
-        try:
-            from megatron_a1.model.core_attention import PackedDotProductAttention
-        except ImportError:  # the packed attention kernel is optional for ordinary batches
-            return super().core_attention()
+        from megatron_a1.model.core_attention import PackedDotProductAttention
+
         return PackedDotProductAttention
 
 

@@ -1,0 +1,298 @@
+"""Triton kernels of packed (varlen) attention, FlashAttention-2 style.
+
+Layout seen by every kernel: a tensor holds ``n_docs`` documents; document ``i`` has
+``cu_seqlens[i+1] - cu_seqlens[i]`` rows, and row ``r`` of head ``h`` of document ``i`` lives at
+
+    base + (cu_seqlens[i] * packed + r) * stride_t + i * stride_b + h * stride_h
+
+so one kernel serves THD packs (``packed=1, stride_b=0``) and ordinary ``[B, S, H, D]`` batches
+(``packed=0``, ``cu_seqlens = arange(B + 1) * S``) without copies. Log-sum-exp and ``delta`` are
+kernel-owned ``[H, T]`` fp32 buffers indexed by ``cu_seqlens[i] + r`` in both cases.
+
+Tiles: the programs of axis 0 are the row tiles of *all* documents, packed back to back:
+document ``i`` owns tiles ``[cu[i] // BLOCK + i, cu[i] // BLOCK + i + cdiv(len_i, BLOCK))``
+(disjoint because ``cdiv(L, B) <= floor((c + L) / B) - floor(c / B) + 1``), so a grid of
+``T // BLOCK + n_docs`` programs covers every document without ``max_seqlen`` and a program
+finds its document by a binary search over ``cu_seqlens``. Tiles run in reverse order so that
+the longest causal rows start first. Inner loops visit only key tiles inside the document and
+on or below the causal diagonal; masks are applied only on the boundary tiles.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, FP32_DOT: tl.constexpr):
+    # FP32_DOT: fp32 operands at fp32 accuracy ("tf32x3": three tf32 tensor-core products; plain
+    # tf32 would lose to PyTorch's own fp32 error). Used for fp32 inputs and, under the
+    # interpreter only, for bf16 (Triton 3.7's interpreter mis-reads bf16 tl.dot operands; the
+    # upcast is exact, so the maths is the tensor cores' bf16 x bf16 -> fp32).
+    if FP32_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _locate_tile(cu_seqlens, n_docs, BLOCK: tl.constexpr):
+    """(doc, first token of doc, doc length, first local row of this tile)."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    lo = tl.program_id(0) * 0
+    hi = n_docs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        owns = tl.load(cu_seqlens + mid) // BLOCK + mid <= tile
+        lo = tl.where(owns, mid, lo)
+        hi = tl.where(owns, hi, mid - 1)
+    start = tl.load(cu_seqlens + lo)
+    seqlen = tl.load(cu_seqlens + lo + 1) - start
+    row0 = (tile - start // BLOCK - lo) * BLOCK
+    return lo, start, seqlen, row0
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
+              col0, seqlen, causal, qk_scale, MASK: tl.constexpr, FP32_DOT: tl.constexpr):
+    cols = col0 + offs_n
+    k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+    if MASK:
+        k = tl.load(k_ptrs, mask=cols[:, None] < seqlen, other=0.0)
+        v = tl.load(v_ptrs, mask=cols[:, None] < seqlen, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
+    if MASK:
+        keep = (cols[None, :] < seqlen) & ((causal == 0) | (cols[None, :] <= offs_m[:, None]))
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASK:  # a row with no visible key in this tile and none before keeps m = -inf
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, O, LSE, cu_seqlens,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    n_docs, n_tokens, packed, group, causal, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """O = softmax(Q K^T * scale) V per document; LSE = natural log-sum-exp of each row.
+
+    ``qk_scale`` is ``softmax_scale * log2(e)``; ``group`` = query heads per KV head.
+    """
+    doc, start, seqlen, m0 = _locate_tile(cu_seqlens, n_docs, BLOCK_M)
+    if m0 < seqlen:
+        h = tl.program_id(1)
+        hk = h // group
+        tok0 = (start * packed).to(tl.int64)
+        d64 = doc.to(tl.int64)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_ptrs = Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh \
+            + offs_m[:, None] * stride_qt + offs_d[None, :]
+        k_base = K + tok0 * stride_kt + d64 * stride_kb + hk * stride_kh
+        v_base = V + tok0 * stride_vt + d64 * stride_vb + hk * stride_vh
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < seqlen, other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        # Key tiles fully inside the document and fully at or below the diagonal: no mask.
+        hi = seqlen
+        full = (seqlen // BLOCK_N) * BLOCK_N
+        if causal != 0:
+            hi = tl.minimum(seqlen, m0 + BLOCK_M)
+            full = tl.minimum(full, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+        for col0 in range(0, full, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                                      offs_m, offs_n, offs_d, col0, seqlen, causal, qk_scale, False, FP32_DOT)
+        for col0 in range(full, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                                      offs_m, offs_n, offs_d, col0, seqlen, causal, qk_scale, True, FP32_DOT)
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        acc = acc / l_safe[:, None]
+        o_ptrs = O + tok0 * stride_ot + d64 * stride_ob + h * stride_oh \
+            + offs_m[:, None] * stride_ot + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < seqlen)
+        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+        tl.store(LSE + h.to(tl.int64) * n_tokens + start + offs_m, lse, mask=offs_m < seqlen)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n,
+             offs_d, col0, seqlen, causal, qk_scale, MASK: tl.constexpr, FP32_DOT: tl.constexpr):
+    cols = col0 + offs_n
+    k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+    if MASK:
+        k = tl.load(k_ptrs, mask=cols[:, None] < seqlen, other=0.0)
+        v = tl.load(v_ptrs, mask=cols[:, None] < seqlen, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    p = tl.math.exp2(_dot(q, tl.trans(k), FP32_DOT) * qk_scale - lse2[:, None])
+    if MASK:
+        keep = (cols[None, :] < seqlen) & ((causal == 0) | (cols[None, :] <= offs_m[:, None]))
+        p = tl.where(keep, p, 0.0)
+    dp = _dot(do, tl.trans(v), FP32_DOT)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds.to(k.dtype), k, FP32_DOT)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, O, DO, DQ, LSE, DELTA, cu_seqlens,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """dQ for one query tile; also writes DELTA = rowsum(dO * O) for the dK/dV kernel."""
+    doc, start, seqlen, m0 = _locate_tile(cu_seqlens, n_docs, BLOCK_M)
+    if m0 < seqlen:
+        h = tl.program_id(1)
+        hk = h // group
+        tok0 = (start * packed).to(tl.int64)
+        d64 = doc.to(tl.int64)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m[:, None] < seqlen
+        q = tl.load(Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
+                    + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok, other=0.0)
+        o = tl.load(O + tok0 * stride_ot + d64 * stride_ob + h * stride_oh
+                    + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok, other=0.0)
+        do = tl.load(DO + tok0 * stride_dot + d64 * stride_dob + h * stride_doh
+                     + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        row_idx = h.to(tl.int64) * n_tokens + start + offs_m
+        tl.store(DELTA + row_idx, delta, mask=offs_m < seqlen)
+        lse2 = tl.load(LSE + row_idx, mask=offs_m < seqlen, other=0.0) * 1.4426950408889634
+
+        k_base = K + tok0 * stride_kt + d64 * stride_kb + hk * stride_kh
+        v_base = V + tok0 * stride_vt + d64 * stride_vb + hk * stride_vh
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        hi = seqlen
+        full = (seqlen // BLOCK_N) * BLOCK_N
+        if causal != 0:
+            hi = tl.minimum(seqlen, m0 + BLOCK_M)
+            full = tl.minimum(full, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+        for col0 in range(0, full, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                          offs_n, offs_d, col0, seqlen, causal, qk_scale, False, FP32_DOT)
+        for col0 in range(full, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                          offs_n, offs_d, col0, seqlen, causal, qk_scale, True, FP32_DOT)
+        tl.store(DQ + tok0 * stride_dqt + d64 * stride_dqb + h * stride_dqh
+                 + offs_m[:, None] * stride_dqt + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+               offs_m, offs_n, offs_d, row0, seqlen, causal, qk_scale, MASK: tl.constexpr,
+               FP32_DOT: tl.constexpr):
+    rows = row0 + offs_m
+    q_ptrs = q_base + rows[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = do_base + rows[:, None] * stride_dot + offs_d[None, :]
+    if MASK:
+        row_ok = rows < seqlen
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+        lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+        delta = tl.load(delta_base + rows)
+    # Transposed scores: [BLOCK_N keys, BLOCK_M queries].
+    pt = tl.math.exp2(_dot(k, tl.trans(q), FP32_DOT) * qk_scale - lse2[None, :])
+    if MASK:
+        keep = (rows[None, :] < seqlen) & ((causal == 0) | (offs_n[:, None] <= rows[None, :]))
+        pt = tl.where(keep, pt, 0.0)
+    dv += _dot(pt.to(do.dtype), do, FP32_DOT)
+    dpt = _dot(v, tl.trans(do), FP32_DOT)
+    dst = pt * (dpt - delta[None, :])
+    dk += _dot(dst.to(q.dtype), q, FP32_DOT)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """dK, dV for one key tile of one KV head, summed over the ``group`` query heads sharing it."""
+    doc, start, seqlen, n0 = _locate_tile(cu_seqlens, n_docs, BLOCK_N)
+    if n0 < seqlen:
+        hk = tl.program_id(1)
+        tok0 = (start * packed).to(tl.int64)
+        d64 = doc.to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        col_ok = offs_n[:, None] < seqlen
+        k = tl.load(K + tok0 * stride_kt + d64 * stride_kb + hk * stride_kh
+                    + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok, other=0.0)
+        v = tl.load(V + tok0 * stride_vt + d64 * stride_vb + hk * stride_vh
+                    + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok, other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        # Query rows: [lo, diag) cross the diagonal (masked), [diag, full) need no mask,
+        # [full, seqlen) is the ragged end of the document (masked).
+        lo = n0 * 0
+        diag = n0 * 0
+        if causal != 0:
+            lo = n0
+            diag = n0 + tl.cdiv(BLOCK_N, BLOCK_M) * BLOCK_M
+        full = diag + tl.maximum(seqlen - diag, 0) // BLOCK_M * BLOCK_M
+        for g in range(0, group):
+            h = hk * group + g
+            q_base = Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
+            do_base = DO + tok0 * stride_dot + d64 * stride_dob + h * stride_doh
+            lse_base = LSE + h.to(tl.int64) * n_tokens + start
+            delta_base = DELTA + h.to(tl.int64) * n_tokens + start
+            for row0 in range(lo, diag, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                    stride_qt, stride_dot, offs_m, offs_n, offs_d, row0, seqlen, causal,
+                                    qk_scale, True, FP32_DOT)
+            for row0 in range(diag, full, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                    stride_qt, stride_dot, offs_m, offs_n, offs_d, row0, seqlen, causal,
+                                    qk_scale, False, FP32_DOT)
+            for row0 in range(full, seqlen, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                    stride_qt, stride_dot, offs_m, offs_n, offs_d, row0, seqlen, causal,
+                                    qk_scale, True, FP32_DOT)
+        tl.store(DK + tok0 * stride_dkt + d64 * stride_dkb + hk * stride_dkh
+                 + offs_n[:, None] * stride_dkt + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
+        tl.store(DV + tok0 * stride_dvt + d64 * stride_dvb + hk * stride_dvh
+                 + offs_n[:, None] * stride_dvt + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=col_ok)
