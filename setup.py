@@ -32,6 +32,10 @@ setup(
         "safetensors==0.8.0",
         "einops==0.8.2",
         "tensorboard==2.21.0",
+        "psutil==7.2.2",  # dist_checkpointing's async writer needs it
+        "bm25s==0.3.16",  # search environment
+        "jsonschema==4.26.0",  # tool-use environment
+        "sympy==1.14.0",  # science answer checking
     ],
     extras_require={
         # The CPU development / CI environment. Never installed into the GPU image.

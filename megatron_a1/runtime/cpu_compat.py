@@ -32,6 +32,10 @@ CPU meaning. Each entry names the megatron-core call it covers.
    the split-size tensors into NumPy arrays through ``moe_utils.maybe_move_tensor_to_cpu``, but
    only for CUDA tensors; on CPU they stay tensors, which ``all_to_all_single`` rejects. The
    replacement also converts CPU tensors when NumPy is asked for.
+7. **Compiled fusions run eagerly**: ``megatron.core.jit.jit_fuser`` is ``torch.compile``
+   (e.g. the Gated DeltaNet's ``_compute_g_and_beta`` and gated norm); on CPU inductor spends
+   ~20 s generating C++ per new shape for no gain on tiny models, so TorchDynamo is disabled in
+   CPU processes. Eager execution is the reference the compiled kernels are checked against.
 """
 from __future__ import annotations
 
@@ -169,4 +173,9 @@ def install() -> None:
         return upstream_move(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
     moe_utils.maybe_move_tensor_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu = move_to_host
+
+    # 7. compiled fusions run eagerly
+    import torch._dynamo as dynamo
+
+    dynamo.config.disable = True
     _installed = True

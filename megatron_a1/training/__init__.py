@@ -1,0 +1,1 @@
+"""Training: megatron-core DDP + distributed optimizer + pipeline schedules, and the stage losses."""
