@@ -1,0 +1,70 @@
+"""Every (kernel, launch config) the SVA launchers can pick at the 35B-A3B shapes, for issue 11's
+ahead-of-time compilation and roofline report.
+
+``launch_specs()`` returns one dict per (kernel, config, dtype, k, TP size) with the keys
+``kernel``, ``fn`` (the ``@triton.jit`` function), ``signature`` (arg → Triton type), ``constexprs``,
+``num_warps``, ``num_stages``, ``config`` (short text) and ``shape`` (model shape plus ``flops`` and
+``min_bytes`` of one launch: teacher row read once, k keys written; the set-loss kernel reads
+2·k fp32 and writes k + 1). Rows per launch: one fused-linear chunk (``CHUNK_TOKENS``) — the
+logits-level path launches the same kernel over all rows of the batch.
+"""
+from __future__ import annotations
+
+from .sva import (SET_LOSS_CONFIG, _pow2, _sva_set_loss_kernel, _sva_topk_kernel, _topk_configs,
+                  SORT_MIN)
+
+VOCAB = 248_320
+HIDDEN = 2048
+TP_SIZES = (1, 2, 4, 8)
+TOPKS = (32, 64, 256)
+CHUNK_TOKENS = 4096
+_TRITON_DTYPE = {"bf16": ("*bf16", 2), "fp32": ("*fp32", 4)}
+_GPU_SORT_MIN = 16  # the value the launcher uses on a GPU (sva.SORT_MIN differs when interpreting)
+
+
+def launch_specs() -> list[dict]:
+    specs = []
+    for dtype, (ptr, elem) in _TRITON_DTYPE.items():
+        for k in TOPKS:
+            kp = _pow2(k)
+            for cfg in _topk_configs():
+                block_v = cfg.kwargs["BLOCK_V"]
+                for tp in TP_SIZES:
+                    v_local = VOCAB // tp
+                    specs.append({
+                        "kernel": "_sva_topk_kernel",
+                        "fn": _sva_topk_kernel,
+                        "signature": {"t_ptr": ptr, "stride_t": "i32", "row_ptr": "*i32",
+                                      "keys_ptr": "*i64", "n_valid": "i32", "vocab_offset": "i32",
+                                      "K": "constexpr", "KP": "constexpr", "BLOCK_V": "constexpr",
+                                      "SORT_MIN": "constexpr"},
+                        "constexprs": {"K": k, "KP": kp, "BLOCK_V": block_v,
+                                       "SORT_MIN": min(_GPU_SORT_MIN, kp)},
+                        "num_warps": cfg.num_warps,
+                        "num_stages": cfg.num_stages,
+                        "config": f"{dtype} k={k} BLOCK_V={block_v} warps={cfg.num_warps} tp={tp}",
+                        "shape": {"vocab": VOCAB, "tp": tp, "v_local": v_local, "k": k,
+                                  "hidden": HIDDEN, "rows": CHUNK_TOKENS, "dtype": dtype,
+                                  "flops": 0,  # comparisons only; bandwidth bound
+                                  "min_bytes": CHUNK_TOKENS * (v_local * elem + k * 8 + 4)},
+                    })
+        # set-loss: one config, dtype independent (fp32 [R, k] in and out); listed once per k.
+    for k in TOPKS:
+        kp = _pow2(k)
+        specs.append({
+            "kernel": "_sva_set_loss_kernel",
+            "fn": _sva_set_loss_kernel,
+            "signature": {"s_ptr": "*fp32", "t_ptr": "*fp32", "loss_ptr": "*fp32",
+                          "coef_ptr": "*fp32", "n_rows": "i32", "K": "constexpr",
+                          "KP": "constexpr", "BLOCK_R": "constexpr"},
+            "constexprs": {"K": k, "KP": kp, "BLOCK_R": SET_LOSS_CONFIG["BLOCK_R"]},
+            "num_warps": SET_LOSS_CONFIG["num_warps"],
+            "num_stages": SET_LOSS_CONFIG["num_stages"],
+            "config": f"k={k} BLOCK_R={SET_LOSS_CONFIG['BLOCK_R']}",
+            "shape": {"k": k, "rows": CHUNK_TOKENS, "flops": CHUNK_TOKENS * k * 12,
+                      "min_bytes": CHUNK_TOKENS * (3 * k * 4 + 4)},
+        })
+    return specs
+
+
+del SORT_MIN
