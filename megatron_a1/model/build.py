@@ -6,6 +6,7 @@ from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer import TransformerConfig
 
 from megatron_a1.model.backends import get_backend
+from megatron_a1.model.config import A1ModelConfig
 from megatron_a1.model.specs import hybrid_stack_spec
 
 
@@ -18,7 +19,7 @@ def build_hybrid_model(
     pg_collection,
     backend: str = "auto",
     rotary_percent: float = 1.0,
-    rotary_base: int = 10000,
+    rotary_base: float = 10000,
     gdn_layer=None,
     vp_stage: int | None = None,
 ) -> HybridModel:
@@ -26,6 +27,7 @@ def build_hybrid_model(
 
     ``pattern`` is megatron-core's hybrid layer pattern (``G`` GDN, ``*`` attention, ``E`` MoE;
     ``|`` marks explicit pipeline stage boundaries, otherwise layers are split evenly).
+    ``gdn_layer`` overrides the backend provider's Gated DeltaNet layer spec.
     """
     spec = hybrid_stack_spec(
         get_backend(backend),
@@ -46,5 +48,38 @@ def build_hybrid_model(
         rotary_percent=rotary_percent,
         rotary_base=rotary_base,
         pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
+
+
+def build_model(
+    model_config: A1ModelConfig,
+    config: TransformerConfig,
+    *,
+    pg_collection,
+    backend: str = "auto",
+    max_seq_len: int | None = None,
+    vp_stage: int | None = None,
+) -> HybridModel:
+    """This rank's chunk of the model described by a preset.
+
+    ``config`` comes from ``model_config.to_transformer_config(parallel, ...)``; the layer
+    pattern, vocabulary and RoPE settings come from ``model_config``.
+    """
+    if config.num_layers != 2 * model_config.num_layers:
+        raise ValueError(
+            f"TransformerConfig.num_layers={config.num_layers} does not match the preset's "
+            f"{model_config.num_layers} layers (x2: mixer + MoE); build it with "
+            "model_config.to_transformer_config()"
+        )
+    return build_hybrid_model(
+        config,
+        pattern=model_config.hybrid_pattern,
+        vocab_size=model_config.vocab_size,
+        max_seq_len=max_seq_len or model_config.max_position_embeddings,
+        pg_collection=pg_collection,
+        backend=backend,
+        rotary_percent=model_config.partial_rotary_factor,
+        rotary_base=model_config.rope_theta,
         vp_stage=vp_stage,
     )

@@ -6,10 +6,13 @@ spec each layer uses; every implementation choice comes from one backend provide
 """
 from __future__ import annotations
 
+import copy
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -19,6 +22,8 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
 )
+
+from megatron_a1.model.gdn import GatedDeltaNet
 
 
 class A1HybridStack(HybridStack):
@@ -68,6 +73,51 @@ def _attention_layer(backend: BackendSpecProvider) -> ModuleSpec:
     )
 
 
+def plain_norm(norm: type) -> type:
+    """``norm`` built as if ``layernorm_zero_centered_gamma`` were False: ``y = w * x / rms(x)``.
+
+    The Gated DeltaNet's gated output norm (transformers' ``Qwen3_5MoeRMSNormGated``, weight
+    initialised to ones) is not zero-centred, while every other norm of the model is. The
+    provider's norm reads the switch from the config, so this builder hands it a shallow copy of
+    the config with the switch off (works for our RMSNorm and for TE's ``TENorm``, whose
+    ``__new__`` returns a TE module). Keeping the reference's parametrisation, not ``w - 1``,
+    keeps checkpoint conversion bit-exact.
+    """
+
+    class PlainNorm:
+        def __new__(cls, config, hidden_size, eps=1e-6, **kwargs):
+            config = copy.copy(config)
+            config.layernorm_zero_centered_gamma = False
+            return norm(config=config, hidden_size=hidden_size, eps=eps, **kwargs)
+
+    PlainNorm.__name__ = PlainNorm.__qualname__ = f"Plain{norm.__name__}"
+    return PlainNorm
+
+
+def gdn_layer_spec(backend: BackendSpecProvider) -> ModuleSpec:
+    """``G``: pre-norm + megatron-core's Gated DeltaNet (our subclass: CPU/packed without fla)."""
+    fused = backend.fuse_layernorm_and_linear()
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp if fused else backend.layer_norm(rms_norm=True),
+            self_attention=ModuleSpec(
+                module=GatedDeltaNet,
+                submodules=GatedDeltaNetSubmodules(
+                    in_proj=(
+                        backend.column_parallel_layer_norm_linear()
+                        if fused
+                        else backend.column_parallel_linear()
+                    ),
+                    out_norm=plain_norm(backend.layer_norm(rms_norm=True)),
+                    out_proj=backend.row_parallel_linear(),
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+        ),
+    )
+
+
 def _moe_layer(backend: BackendSpecProvider, num_experts: int, grouped_gemm: bool) -> ModuleSpec:
     return ModuleSpec(
         module=MoETransformerLayer,
@@ -88,13 +138,13 @@ def hybrid_stack_spec(
     moe_grouped_gemm: bool = False,
     gdn_layer: ModuleSpec | None = None,
 ) -> ModuleSpec:
-    """The ``HybridStack`` spec: gated attention ``*``, MoE ``E`` and (when given) GDN ``G``."""
+    """The ``HybridStack`` spec: gated attention ``*``, MoE ``E`` and Gated DeltaNet ``G``
+    (``gdn_layer`` overrides the provider's GDN layer spec)."""
     submodules = HybridStackSubmodules(
         attention_layer=_attention_layer(backend),
         moe_layer=_moe_layer(backend, num_experts, moe_grouped_gemm),
+        gdn_layer=gdn_layer if gdn_layer is not None else gdn_layer_spec(backend),
     )
-    if gdn_layer is not None:
-        submodules.gdn_layer = gdn_layer
     return ModuleSpec(
         module=A1HybridStack,
         params={"final_norm": backend.layer_norm(rms_norm=True)},
