@@ -12,6 +12,7 @@ the loss is a mean over masked-in tokens of the global batch, not a mean of per-
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -83,8 +84,6 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    update_ok, grad_norm, _ = optimizer.step()
-
     totals = torch.zeros(2, dtype=torch.float64)
     for report in reports:  # only the last pipeline stage has reports
         totals += report["loss"].double().cpu()
@@ -92,9 +91,14 @@ def train_step(
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     loss_sum, num_tokens = totals.tolist()
-    return StepResult(
-        loss=loss_sum / max(num_tokens, 1.0),
-        num_tokens=int(num_tokens),
-        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-        skipped=not update_ok,
-    )
+    loss = loss_sum / max(num_tokens, 1.0)
+
+    # Every rank sees the same global loss, so all agree to skip a non-finite step. (NaN
+    # gradients behind a finite loss show up as a non-finite grad norm after the step.)
+    if not math.isfinite(loss):
+        return StepResult(loss=loss, num_tokens=int(num_tokens), grad_norm=float("nan"),
+                          skipped=True)
+    update_ok, grad_norm, _ = optimizer.step()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    return StepResult(loss=loss, num_tokens=int(num_tokens), grad_norm=grad_norm,
+                      skipped=not update_ok)

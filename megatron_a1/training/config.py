@@ -1,0 +1,184 @@
+"""The training config: one typed tree, loaded from YAML with dotted overrides.
+
+    python -m megatron_a1.train --config examples/configs/sft_tiny_cpu.yaml optim.lr=3e-4
+
+:func:`TrainConfig.validate` checks everything that can be checked before compute starts (the
+parallel layout against the world size, batch arithmetic, stage-specific sections, paths).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from megatron_a1.configs import ConfigError
+from megatron_a1.runtime import ParallelConfig, ParallelLayoutError
+from megatron_a1.training.losses import GRPOLossConfig
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    preset: str = "tiny"
+    """Model preset name (``python -m megatron_a1.model.config --list``)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Preset fields to change, e.g. ``{num_layers: 8}``."""
+    backend: Literal["auto", "te", "local"] = "auto"
+    """Layer implementations: Transformer Engine when available (auto), or local modules."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (megatron-core ``recompute_granularity``)."""
+    bf16: bool = False
+    """bf16 weights/activations with fp32 main weights in the optimizer (GPU runs)."""
+    init_from: str | None = None
+    """A checkpoint directory (iter_* or a dir with ``latest``) to take the initial weights from."""
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    prefixes: list[str] = field(default_factory=list)
+    """Preprocessed dataset prefixes (``tools/preprocess_trajectories.py --output-prefix``)."""
+    weights: list[float] | None = None
+    """Blend weights per prefix (None: proportional to size)."""
+    max_seq_len: int = 4096
+    """Tokens per packed sequence."""
+    seed: int = 1234
+    """Packing shuffle seed."""
+    num_workers: int = 0
+    """DataLoader workers per rank."""
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Final learning rate of the decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate decay after warmup (megatron-core ``OptimizerParamScheduler``)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping (0 disables)."""
+    distributed: bool = True
+    """megatron-core's distributed optimizer (optimizer state sharded over DP)."""
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    stage: Literal["sft", "opd", "grpo"] = "sft"
+    """Which stage's loss and inputs (DESIGN.md §1)."""
+    global_batch_size: int = 16
+    """Packed sequences per optimizer step (across DP ranks and micro-batches)."""
+    micro_batch_size: int = 1
+    """Packed sequences per forward pass on one rank."""
+    train_steps: int | None = None
+    """Optimizer steps; None: one epoch of the data (global samples / global batch)."""
+    epochs: float = 1.0
+    """Epochs when ``train_steps`` is None."""
+    seed: int = 1234
+    """Seed of every RNG (model init, data order)."""
+    exit_interval: int | None = None
+    """Checkpoint and exit when the step count is a multiple of this (Megatron-LM's
+    ``--exit-interval``: split a run over jobs with a time limit; the next job resumes)."""
+    max_consecutive_nonfinite: int = 3
+    """Stop the run after this many NaN/Inf steps in a row (each one is skipped and logged)."""
+
+
+@dataclass(kw_only=True)
+class CheckpointSection:
+    dir: str | None = None
+    """Where checkpoints go (None: no checkpoints)."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end and on SIGTERM)."""
+    keep_last: int = 2
+    """Complete checkpoints kept on disk."""
+    resume: bool = True
+    """Resume from ``dir/latest`` when it exists."""
+
+
+@dataclass(kw_only=True)
+class LoggingSection:
+    log_interval: int = 1
+    """Console/TensorBoard line every N steps."""
+    tensorboard_dir: str | None = None
+    """TensorBoard event directory (None: off)."""
+    wandb_project: str | None = None
+    """Weights & Biases project (None: off; needs `pip install wandb`)."""
+    metrics_jsonl: str | None = None
+    """Append one JSON line of metrics per step here (rank 0)."""
+
+
+@dataclass(kw_only=True)
+class OPDSection:
+    teachers: dict[str, str] = field(default_factory=dict)
+    """Domain → teacher checkpoint directory; each sample is scored by its domain's teacher."""
+    topk: int = 64
+    """Salient-set size of the SVA loss."""
+    chunk_size: int = 4096
+    """Tokens per chunk in the fused LM-head + SVA loss."""
+
+
+@dataclass(kw_only=True)
+class GRPOSection(GRPOLossConfig):
+    reference: str | None = None
+    """Checkpoint of the frozen reference policy for the KL term (None: the initial weights)."""
+    asymmetric_process_weight: float | None = None
+    """Tool teacher: A = A_out + w * 1[r_out = 0] * A_proc (None: outcome advantage only)."""
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    opd: OPDSection = field(default_factory=OPDSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+
+    def validate(self, world_size: int) -> None:
+        """Everything checkable before compute; raises ConfigError with the offending key."""
+        try:
+            self.parallel.validate(world_size)
+        except ParallelLayoutError as exc:
+            raise ConfigError(f"parallel: {exc}") from None
+        dp = self.parallel.data_parallel(world_size)
+        t = self.train
+        if t.micro_batch_size < 1 or t.global_batch_size < 1:
+            raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
+            )
+        if self.parallel.pipeline_parallel > 1 and t.global_batch_size // (t.micro_batch_size * dp) < self.parallel.pipeline_parallel:
+            raise ConfigError("with pipeline parallelism, use at least as many micro-batches per "
+                              "step as pipeline stages (raise train.global_batch_size)")
+        if not self.data.prefixes:
+            raise ConfigError("data.prefixes: give at least one preprocessed dataset prefix")
+        for p in self.data.prefixes:
+            if not os.path.exists(p + ".idx"):
+                raise ConfigError(f"data.prefixes: {p}.idx not found (run "
+                                  "tools/preprocess_trajectories.py first)")
+        if self.data.weights is not None and len(self.data.weights) != len(self.data.prefixes):
+            raise ConfigError("data.weights: one weight per prefix")
+        if t.stage == "opd" and not self.opd.teachers:
+            raise ConfigError("opd.teachers: map each domain to a teacher checkpoint")
+        if (self.checkpoint.save_interval or t.exit_interval) and not self.checkpoint.dir:
+            raise ConfigError("checkpoint.save_interval and train.exit_interval need checkpoint.dir")
+        if self.model.bf16 and not _cuda():
+            raise ConfigError("model.bf16 needs a GPU; set model.bf16=false on CPU")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,172 @@
+"""The training loop: one screen, every stage.
+
+``run(cfg)`` builds the runtime, model, optimizer, scheduler and data; resumes if a checkpoint
+exists; then repeats ``train_step`` (megatron-core schedules + distributed optimizer) with the
+stage's ``forward_step``, logging, checkpointing every ``save_interval`` steps and on SIGTERM,
+and skipping non-finite steps (stopping after ``max_consecutive_nonfinite`` in a row).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_a1.configs import to_dict
+from megatron_a1.data.dataset import (
+    BlendedPackedDataset,
+    LoaderConfig,
+    PackedDatasetConfig,
+    build_dataloader,
+    build_packed_dataset,
+)
+from megatron_a1.runtime import destroy, initialize
+from megatron_a1.training import checkpoint as ckpt
+from megatron_a1.training.config import TrainConfig
+from megatron_a1.training.engine import setup_ddp_and_optimizer, train_step
+from megatron_a1.training.logger import MetricsLogger
+from megatron_a1.training.model_setup import build_model_chunks
+from megatron_a1.training.stages import make_stage
+
+log = logging.getLogger("megatron_a1.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN/Inf loss."""
+
+
+def _optimizer_config(cfg: TrainConfig) -> OptimizerConfig:
+    o = cfg.optim
+    return OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, use_distributed_optimizer=o.distributed,
+        bf16=cfg.model.bf16, params_dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
+    )
+
+
+def _scheduler(cfg: TrainConfig, optimizer, total_steps: int) -> OptimizerParamScheduler:
+    o = cfg.optim
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(total_steps, o.warmup_steps + 1),
+        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+    )
+
+
+class _Preemption:
+    """SIGTERM (Slurm preemption) sets a flag; the loop checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([int(self.requested)], dtype=torch.int32)
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def latest_is(cfg: TrainConfig, state) -> bool:
+    """True when the newest checkpoint on disk already is this iteration."""
+    latest = ckpt.latest_checkpoint(cfg.checkpoint.dir)
+    return latest is not None and latest.endswith(f"iter_{state.iteration:07d}")
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train per ``cfg``; returns a summary (final step, last loss, checkpoint path)."""
+    rt = initialize(cfg.parallel, seed=cfg.train.seed)
+    t = cfg.train
+    model, info = build_model_chunks(cfg, rt)
+    ddp, optimizer = setup_ddp_and_optimizer(model, _optimizer_config(cfg))
+
+    data_cfg = PackedDatasetConfig(prefixes=cfg.data.prefixes, weights=cfg.data.weights,
+                                   max_seq_len=cfg.data.max_seq_len, seed=cfg.data.seed)
+    one_epoch = build_packed_dataset(data_cfg)
+    total_steps = (t.train_steps if t.train_steps is not None
+                   else max(1, math.floor(len(one_epoch) * t.epochs / t.global_batch_size)))
+    # The global sample index covers the whole run (blends wrap around their datasets), so the
+    # consumed-sample count alone is the resume point.
+    dataset = BlendedPackedDataset(one_epoch.datasets, cfg.data.weights or
+                                   [len(d) for d in one_epoch.datasets],
+                                   total_steps * t.global_batch_size)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    scheduler = _scheduler(cfg, optimizer, total_steps)
+
+    state = ckpt.TrainerState(config=to_dict(cfg))
+    latest = ckpt.latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
+    if latest:
+        state = ckpt.load_checkpoint(latest, ddp, optimizer, seed=t.seed)
+        scheduler.load_state_dict(state.scheduler)
+        log.info("resumed from %s at step %d", latest, state.iteration)
+    elif cfg.model.init_from:
+        ckpt.load_model_weights(ckpt.latest_checkpoint(cfg.model.init_from) or cfg.model.init_from, ddp)
+        optimizer.reload_model_params()
+
+    stage = make_stage(cfg, rt, info)
+    pad = rt.parallel.tensor_parallel * (2 * rt.parallel.context_parallel if rt.parallel.context_parallel > 1 else 1)
+    batches = iter(build_dataloader(dataset, LoaderConfig(
+        micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=dp,
+        consumed_samples=state.consumed_samples, num_workers=cfg.data.num_workers,
+        pad_to_multiple=pad if pad > 1 else None)))
+    logger = MetricsLogger(cfg, rt, info, model)
+    preempt, nonfinite_run, saved_at = _Preemption(), 0, None
+
+    while state.iteration < total_steps:
+        micro = [next(batches) for _ in range(num_micro)]
+        start = time.perf_counter()
+        result = train_step(stage.forward_step, iter(micro), ddp, optimizer,
+                            num_microbatches=num_micro, seq_length=cfg.data.max_seq_len,
+                            micro_batch_size=1)
+        elapsed = time.perf_counter() - start
+        if result.skipped:
+            nonfinite_run += 1
+            log.warning("step %d: non-finite loss %s, update skipped (%d in a row)",
+                        state.iteration + 1, result.loss, nonfinite_run)
+            if nonfinite_run >= t.max_consecutive_nonfinite:
+                raise NonFiniteLossError(f"{nonfinite_run} consecutive non-finite steps; "
+                                         "lower optim.lr or check the data")
+        else:
+            nonfinite_run = 0
+            scheduler.step(1)
+        state.iteration += 1
+        state.consumed_samples += t.global_batch_size
+        logger.step(state, result, micro, elapsed, optimizer, total_steps, stage)
+
+        preempted = preempt.any_rank()
+        exiting = preempted or bool(t.exit_interval and state.iteration % t.exit_interval == 0)
+        due = cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0
+        if cfg.checkpoint.dir and (due or exiting or state.iteration == total_steps):
+            state.scheduler = scheduler.state_dict()
+            path = ckpt.save_checkpoint(cfg.checkpoint.dir, ddp, optimizer, state,
+                                        keep_last=cfg.checkpoint.keep_last)
+            saved_at = state.iteration
+            logger.info(f"saved {path}")
+        if exiting:
+            logger.info(("SIGTERM received" if preempted else "train.exit_interval reached")
+                        + ": checkpoint written, exiting")
+            break
+
+    if cfg.checkpoint.dir and saved_at != state.iteration and not latest_is(cfg, state):
+        # e.g. train_steps=0: writes the initial weights (a starting point for other layouts)
+        state.scheduler = scheduler.state_dict()
+        ckpt.save_checkpoint(cfg.checkpoint.dir, ddp, optimizer if state.iteration else None,
+                             state, keep_last=cfg.checkpoint.keep_last)
+
+    summary = {"step": state.iteration, "loss": logger.last_loss, "checkpoint_dir": cfg.checkpoint.dir,
+               "losses": logger.history}
+    logger.close()
+    destroy()
+    return summary

@@ -1,0 +1,93 @@
+"""Throughput, FLOPs and memory for the training logs.
+
+FLOP count of one training step on a packed batch (forward + backward = 3 x forward):
+
+* matmuls: ``2 * P_active`` FLOPs per token in the forward, where ``P_active`` counts every
+  weight a token multiplies by: dense weights, the shared expert, ``top_k`` of the routed experts
+  (``expert params * top_k / num_experts``) and the output layer; the input embedding is a gather
+  and does not count;
+* causal attention scores per document of length ``L`` and per full-attention layer:
+  ``2 * 2 * L^2 / 2 * heads * head_dim`` (QK^T and PV, half of the square);
+* Gated DeltaNet (chunked delta rule, chunk ``C``) per token and GDN layer: about
+  ``4 * C * (d_k + d_v) * v_heads`` for the intra-chunk products plus ``4 * d_k * d_v * v_heads``
+  for the state update and readout.
+
+TFLOP/s per GPU = step FLOPs / step time / number of GPUs (model-parallel ranks included).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FlopModel:
+    active_matmul_params: int
+    attention_layers: int
+    attention_width: int  # heads * head_dim (query side)
+    gdn_layers: int = 0
+    gdn_flops_per_token: int = 0
+
+    def step_flops(self, doc_lengths: list[int]) -> float:
+        tokens = sum(doc_lengths)
+        fwd = 2.0 * self.active_matmul_params * tokens
+        fwd += self.attention_layers * 2.0 * self.attention_width * sum(l * l for l in doc_lengths)
+        fwd += self.gdn_layers * self.gdn_flops_per_token * tokens
+        return 3.0 * fwd
+
+
+def flop_model(model_chunks: list, config, *, pattern: str, num_experts: int | None,
+               top_k: int | None) -> FlopModel:
+    """Active matmul parameters counted from the built model (global, across TP/EP/PP ranks)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    dense = expert = 0
+    for chunk in model_chunks:
+        for name, p in chunk.named_parameters():
+            if "embedding" in name or p.dim() < 2:
+                continue  # embeddings are gathers; norms/biases are not matmuls
+            n = p.numel()
+            if ".experts." in name and "shared" not in name:
+                expert += n
+            else:
+                # tensor-parallel weights are split over TP ranks; replicated ones are not
+                dense += n if getattr(p, "tensor_model_parallel", False) else n / max(
+                    parallel_state.get_tensor_model_parallel_world_size(), 1)
+    counts = torch.tensor([dense, expert], dtype=torch.float64)
+    if dist.is_initialized():
+        # dense: summed over TP and PP ranks; experts: over EP (x expert-TP) and PP ranks
+        dense_t = counts[:1].clone()
+        dist.all_reduce(dense_t, group=parallel_state.get_tensor_model_parallel_group())
+        dist.all_reduce(dense_t, group=parallel_state.get_pipeline_model_parallel_group())
+        expert_t = counts[1:].clone()
+        dist.all_reduce(expert_t, group=parallel_state.get_expert_tensor_and_model_parallel_group())
+        dist.all_reduce(expert_t, group=parallel_state.get_pipeline_model_parallel_group())
+        counts = torch.cat([dense_t, expert_t])
+    dense, expert = counts.tolist()
+    if num_experts and top_k:
+        expert = expert * top_k / num_experts
+    attn_layers, gdn_layers = pattern.count("*"), pattern.count("G")
+    gdn_per_token = 0
+    if gdn_layers and getattr(config, "linear_num_value_heads", None):
+        dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
+        gdn_per_token = 4 * 64 * (dk + dv) * config.linear_num_value_heads + \
+            4 * dk * dv * config.linear_num_value_heads
+    return FlopModel(
+        active_matmul_params=int(dense + expert),
+        attention_layers=attn_layers,
+        attention_width=config.num_attention_heads * config.kv_channels,
+        gdn_layers=gdn_layers,
+        gdn_flops_per_token=gdn_per_token,
+    )
+
+
+def memory_gib() -> tuple[float, str]:
+    """(peak memory in GiB, what it measures): CUDA allocator peak, or process RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30, "cuda peak"
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30, "rss"

@@ -1,0 +1,59 @@
+"""Per-stage ``forward_step`` functions (megatron-core's convention).
+
+``forward_step(data_iterator, model) -> (output, loss_func)``; ``loss_func(output) ->
+(loss_sum, num_tokens, {"loss": [loss_sum, num_tokens], ...})``. The batch is one THD pack from
+:func:`megatron_a1.data.dataset.collate_thd` (batch dim 1, ``cu_seqlens``), so attention and the
+Gated DeltaNet state never cross a document boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import torch
+
+from megatron_a1.data.dataset import packed_seq_params
+from megatron_a1.training.losses import masked_token_sum
+
+
+def _to_device(batch: dict) -> dict:
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) and k != "cu_seqlens_cpu" else v
+            for k, v in batch.items()}
+
+
+def sft_loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Cross-entropy summed over masked-in tokens (megatron-core per-token convention)."""
+    loss_sum, num_tokens = masked_token_sum(output, loss_mask)
+    return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def sft_forward_step(data_iterator, model):
+    batch = _to_device(next(data_iterator))
+    # -100 marks "no label" (document ends, padding); the loss mask already zeroes those
+    # positions, and megatron's vocab-parallel cross-entropy needs an in-range id there.
+    labels = batch["labels"].clamp(min=0)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=labels,
+                   packed_seq_params=packed_seq_params(batch))
+    return output, partial(sft_loss, batch["loss_mask"])
+
+
+@dataclass
+class Stage:
+    name: str
+    forward_step: Callable
+    metrics: dict = field(default_factory=dict)
+    """Extra per-step metrics the stage accumulates (e.g. per-domain loss)."""
+
+
+def make_stage(cfg, rt, info) -> Stage:
+    """The stage selected by ``cfg.train.stage``."""
+    if cfg.train.stage == "sft":
+        return Stage("sft", sft_forward_step)
+    raise NotImplementedError(
+        f"train.stage={cfg.train.stage!r}: the {cfg.train.stage.upper()} loop is not wired into "
+        "the trainer yet; its loss functions are in megatron_a1.training.losses (GRPO) and "
+        "a1_kernels.sva (OPD)"
+    )
