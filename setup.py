@@ -20,6 +20,7 @@ setup(
     packages=find_packages(include=["megatron_a1", "megatron_a1.*"]) + KERNEL_PACKAGES,
     package_dir={"a1_kernels": "kernels"},
     include_package_data=True,
+    package_data={"megatron_a1.envs": ["tasks/*.jsonl"]},
     install_requires=[
         "megatron-core==0.19.2",
         "numpy==2.5.5",
