@@ -85,6 +85,7 @@ def launch_specs() -> list[dict]:
                         "num_stages": cfg.num_stages,
                         "config": f"d{head_dim}-{dtype}-{cfg.text()}",
                         "shape": dict(MODEL_SHAPE, head_dim=head_dim, dtype=dtype,
+                                      math="tf32x3" if dtype == "fp32" else dtype,
                                       flops=flops, min_bytes=min_bytes),
                     })
     return specs
@@ -92,11 +93,6 @@ def launch_specs() -> list[dict]:
 
 def compile_spec(spec: dict, arch: int):
     """Compile one spec for ``sm_<arch>`` (80, 90, 100) with no GPU; returns Triton's kernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+    from ..aot_common import compile_spec as _compile
 
-    src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"],
-                                    constexprs=spec["constexprs"], attrs=spec.get("attrs"))
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": spec["num_warps"],
-                                   "num_stages": spec["num_stages"]})
+    return _compile(spec, arch)

@@ -44,7 +44,7 @@ def launch_specs() -> list[dict]:
                         "num_stages": cfg.num_stages,
                         "config": f"{dtype} k={k} BLOCK_V={block_v} warps={cfg.num_warps} tp={tp}",
                         "shape": {"vocab": VOCAB, "tp": tp, "v_local": v_local, "k": k,
-                                  "hidden": HIDDEN, "rows": CHUNK_TOKENS, "dtype": dtype,
+                                  "hidden": HIDDEN, "rows": CHUNK_TOKENS, "dtype": dtype, "math": "fp32",
                                   "flops": 0,  # comparisons only; bandwidth bound
                                   "min_bytes": CHUNK_TOKENS * (v_local * elem + k * 8 + 4)},
                     })
@@ -61,7 +61,7 @@ def launch_specs() -> list[dict]:
             "num_warps": SET_LOSS_CONFIG["num_warps"],
             "num_stages": SET_LOSS_CONFIG["num_stages"],
             "config": f"k={k} BLOCK_R={SET_LOSS_CONFIG['BLOCK_R']}",
-            "shape": {"k": k, "rows": CHUNK_TOKENS, "flops": CHUNK_TOKENS * k * 12,
+            "shape": {"k": k, "rows": CHUNK_TOKENS, "dtype": "fp32", "math": "fp32", "flops": CHUNK_TOKENS * k * 12,
                       "min_bytes": CHUNK_TOKENS * (3 * k * 4 + 4)},
         })
     return specs
