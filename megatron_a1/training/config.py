@@ -120,6 +120,8 @@ class OPDSection:
     """Salient-set size of the SVA loss."""
     chunk_size: int = 4096
     """Tokens per chunk in the fused LM-head + SVA loss."""
+    real_vocab_size: int | None = None
+    """Tokenizer vocabulary (e.g. 248,077 for Qwen3.5): padded rows above it are never salient."""
 
 
 @dataclass(kw_only=True)
@@ -170,8 +172,17 @@ class TrainConfig:
                                   "tools/preprocess_trajectories.py first)")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.prefixes):
             raise ConfigError("data.weights: one weight per prefix")
-        if t.stage == "opd" and not self.opd.teachers:
-            raise ConfigError("opd.teachers: map each domain to a teacher checkpoint")
+        if t.stage == "opd":
+            if not self.opd.teachers:
+                raise ConfigError("opd.teachers: map each domain to a teacher checkpoint")
+            if self.parallel.pipeline_parallel > 1:
+                raise ConfigError("train.stage=opd does not support pipeline parallelism yet "
+                                  "(teachers and the fused SVA head need the last stage's "
+                                  "hidden states); use parallel.pipeline_parallel=1")
+            for domain, path in self.opd.teachers.items():
+                if not os.path.isdir(path):
+                    raise ConfigError(f"opd.teachers.{domain}: {path} is not a checkpoint "
+                                      "directory")
         if (self.checkpoint.save_interval or t.exit_interval) and not self.checkpoint.dir:
             raise ConfigError("checkpoint.save_interval and train.exit_interval need checkpoint.dir")
         if self.model.bf16 and not _cuda():

@@ -126,6 +126,7 @@ def run(cfg: TrainConfig) -> dict:
 
     while state.iteration < total_steps:
         micro = [next(batches) for _ in range(num_micro)]
+        stage.prepare(micro)
         start = time.perf_counter()
         result = train_step(stage.forward_step, iter(micro), ddp, optimizer,
                             num_microbatches=num_micro, seq_length=cfg.data.max_seq_len,

@@ -47,13 +47,21 @@ class Stage:
     metrics: dict = field(default_factory=dict)
     """Extra per-step metrics the stage accumulates (e.g. per-domain loss)."""
 
+    def prepare(self, micro_batches: list[dict]) -> None:
+        """Per-step work on the step's micro-batches before the forward passes (none for SFT)."""
 
-def make_stage(cfg, rt, info) -> Stage:
+
+def make_stage(cfg, rt, info):
     """The stage selected by ``cfg.train.stage``."""
     if cfg.train.stage == "sft":
         return Stage("sft", sft_forward_step)
+    if cfg.train.stage == "opd":
+        from megatron_a1.training.model_setup import build_model_chunks
+        from megatron_a1.training.opd import OPDStage, build_teachers
+
+        return OPDStage(cfg, rt, build_teachers(cfg, rt, build_model_chunks),
+                        cfg.opd.real_vocab_size)
     raise NotImplementedError(
-        f"train.stage={cfg.train.stage!r}: the {cfg.train.stage.upper()} loop is not wired into "
-        "the trainer yet; its loss functions are in megatron_a1.training.losses (GRPO) and "
-        "a1_kernels.sva (OPD)"
+        "train.stage='grpo': the GRPO loop (rollout groups, reference model) is not wired into "
+        "the trainer yet; its losses are in megatron_a1.training.losses"
     )

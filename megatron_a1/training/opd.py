@@ -1,0 +1,165 @@
+"""Stage 3: multi-teacher on-policy distillation with the SVA loss (DESIGN.md §1, §4).
+
+Each document of a pack (a student rollout, rendered and masked by the data pipeline: only the
+student's own generated tokens count) carries a domain; that domain's teacher runs forward on
+the same packed tokens without gradients, and the fused LM-head + SVA kernel
+(:func:`a1_kernels.sva.fused_linear_sva`) gives the per-position loss ``ℓ_t``. The objective is
+domain-normalised over the **global batch** (all micro-batches, all DP ranks):
+
+    L = mean_{domains d present} mean_{samples i of d} mean_{t in R_i} ℓ_t  =  Σ_t w_t ℓ_t,
+    w_t = 1 / (D · N_d · |R_i|)
+
+The weights depend only on the batch's metadata (domains, response masks), so they are computed
+before the forward pass (one all-reduce of per-domain sample counts over DP) and every
+micro-batch contributes ``Σ_t w_t ℓ_t``. To fit megatron-core's per-token convention (gradients
+summed, divided by the summed token count), each micro-batch reports its sum times
+``num_microbatches · dp`` with a count of 1, so the division gives exactly ∂L.
+
+A *sample* is one document of the pack (one trajectory under the data pipeline's ``whole``
+policy, one query of it under ``split``). Teachers share the student's architecture preset and
+parallel layout and live on the same ranks (memory: one extra model per distinct teacher
+checkpoint, weights only, no optimizer state or gradients); pipeline parallelism is not
+supported for this stage.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+from a1_kernels.sva import fused_linear_sva
+from a1_kernels.sva.reference import fused_linear_sva_reference
+from megatron_a1.data.dataset import packed_seq_params
+from megatron_a1.training import checkpoint as ckpt
+
+
+def build_teachers(cfg, rt, build_model_chunks) -> dict[str, torch.nn.Module]:
+    """Domain → frozen teacher model (one model per distinct checkpoint)."""
+    by_path: dict[str, torch.nn.Module] = {}
+    teachers = {}
+    for domain, path in sorted(cfg.opd.teachers.items()):
+        if path not in by_path:
+            chunks, _ = build_model_chunks(cfg, rt)
+            ckpt.load_model_weights(ckpt.latest_checkpoint(path) or path, chunks)
+            model = chunks[0].eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            by_path[path] = model
+        teachers[domain] = by_path[path]
+    return teachers
+
+
+def final_hidden(model, batch: dict) -> torch.Tensor:
+    """The model's final-norm hidden states [T, H] for a THD pack (the LM head is skipped).
+
+    ``HybridModel.forward`` returns the decoder output when ``post_process`` is False; the
+    decoder applies its final norm by its own flag, so this is exactly the LM head's input.
+    With sequence parallelism the sequence-split states are gathered.
+    """
+    inner = getattr(model, "module", model)
+    inner.post_process = False
+    try:
+        hidden = model(batch["tokens"], batch["position_ids"], None,
+                       packed_seq_params=packed_seq_params(batch))
+    finally:
+        inner.post_process = True
+    if inner.config.sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, group=inner.pg_collection.tp)
+    return hidden[:, 0]  # [T, 1, H] -> [T, H]
+
+
+class OPDStage:
+    """``forward_step`` for megatron-core's schedules, plus ``prepare`` for the domain weights."""
+
+    name = "opd"
+
+    def __init__(self, cfg, rt, teachers: dict[str, torch.nn.Module], vocab_size: int | None):
+        self.cfg, self.teachers, self.vocab_size = cfg, teachers, vocab_size
+        self.domains = sorted(teachers)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.metrics: dict = {}
+
+    def prepare(self, micro_batches: list[dict]) -> None:
+        """Attach ``sva_weight`` [T] (the w_t above) to each micro-batch of this step."""
+        dp_group = parallel_state.get_data_parallel_group()
+        counts = torch.zeros(len(self.domains), dtype=torch.float64)
+        for b in micro_batches:
+            for d, n_resp in zip(b["domains"], self._response_counts(b)):
+                if d not in self.teachers:
+                    raise KeyError(f"document domain {d!r} has no teacher; opd.teachers has "
+                                   f"{self.domains}")
+                if n_resp:
+                    counts[self.domains.index(d)] += 1
+        torch.distributed.all_reduce(counts, group=dp_group)
+        present = int((counts > 0).sum())
+        scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+        for b in micro_batches:
+            cu, mask = b["cu_seqlens"], b["loss_mask"][0]
+            w = torch.zeros_like(mask)
+            for i, (d, n_resp) in enumerate(zip(b["domains"], self._response_counts(b))):
+                if n_resp:
+                    s, e = int(cu[i]), int(cu[i + 1])
+                    w[s:e] = mask[s:e] / (present * counts[self.domains.index(d)] * n_resp)
+            b["sva_weight"], b["sva_scale"] = w, scale
+        self.metrics = {f"samples/{d}": float(c) for d, c in zip(self.domains, counts)}
+
+    @staticmethod
+    def _response_counts(batch: dict) -> list[int]:
+        cu, mask = batch["cu_seqlens"], batch["loss_mask"][0]
+        n_docs = len(batch["domains"])
+        return [int(mask[int(cu[i]):int(cu[i + 1])].sum()) for i in range(n_docs)]
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        student = final_hidden(model, batch)
+        w_s = getattr(model, "module", model).output_layer.weight
+        # Every teacher runs on every micro-batch, in the same order on every rank: a teacher's
+        # forward holds collectives (EP alltoall, TP), so ranks must agree on which teachers run
+        # even when their micro-batches hold different domains. Tokens of documents routed to
+        # other teachers are masked out of each teacher's SVA call.
+        token_loss = None
+        for path_model, domains in self._teacher_groups():
+            with torch.no_grad():
+                teacher = final_hidden(path_model, batch)
+            part = self._sva(student, teacher, w_s, path_model.output_layer.weight, batch,
+                             domains)
+            token_loss = part if token_loss is None else token_loss + part
+        weight = batch["sva_weight"]
+        loss_sum = (token_loss * weight).sum() * batch["sva_scale"]
+        one = torch.ones((), dtype=torch.int)
+        return loss_sum, lambda out: (out, one, {"loss": torch.stack([out.detach(),
+                                                                      one.float()])})
+
+    def _teacher_groups(self) -> list[tuple[torch.nn.Module, set[str]]]:
+        """Distinct teacher models with the domains routed to each, in a fixed order."""
+        groups: dict[int, tuple[torch.nn.Module, set[str]]] = {}
+        for d in self.domains:
+            m = self.teachers[d]
+            groups.setdefault(id(m), (m, set()))[1].add(d)
+        return sorted(groups.values(), key=lambda g: min(g[1]))
+
+    def _sva(self, student, teacher, w_s, w_t, batch, domains: set[str]):
+        cu, mask = batch["cu_seqlens"], torch.zeros_like(batch["sva_weight"], dtype=torch.bool)
+        for i, d in enumerate(batch["domains"]):
+            if d in domains:
+                mask[int(cu[i]):int(cu[i + 1])] = True
+        mask &= batch["sva_weight"] > 0
+        k = self.cfg.opd.topk
+        if student.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            return fused_linear_sva(
+                student, w_s, teacher, w_t, k, self.cfg.opd.chunk_size, mask=mask,
+                vocab_size=self.vocab_size, tp_group=self.tp_group if self.tp > 1 else None,
+                # with sequence parallelism the gather's backward already sums the partial
+                # hidden gradients over TP
+                reduce_hidden_grad=not getattr(w_s, "sequence_parallel", False)
+                and not self.cfg.parallel.sequence_parallel,
+            )
+        if self.tp > 1:
+            raise NotImplementedError("OPD with tensor parallelism needs the Triton SVA kernels "
+                                      "(a GPU, or TRITON_INTERPRET=1 on CPU)")
+        # CPU without the Triton interpreter: the plain-PyTorch oracle (same maths)
+        return fused_linear_sva_reference(student, w_s, teacher, w_t, k,
+                                          vocab_size=self.vocab_size, mask=mask)
