@@ -1,9 +1,74 @@
 #!/usr/bin/env bash
-# The CPU demo (`make demo`): a tiny Agents-A1-style hybrid MoE on 2 gloo ranks with EP=2.
+# The CPU demo (`make demo`): the report's recipe end to end on a laptop-sized model.
+#   1. preprocess the bundled sample trajectories and student rollouts (Qwen3.5 template, loss
+#      masks, Megatron indexed datasets);
+#   2. stage 1 - SFT the tiny Agents-A1 hybrid MoE (GDN + gated attention + MoE, 8 experts top-2)
+#      on 2 gloo ranks with expert parallelism 2 (alltoall dispatcher, distributed optimizer,
+#      dist_checkpointing): the loss visibly falls;
+#   3. stage 2 - two domain teachers, each SFT'd briefly from the student on its domains;
+#   4. stage 3 - on-policy distillation: each rollout scored by its domain's teacher, SVA loss;
+#   5. print where checkpoints, metrics and TensorBoard logs went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-echo "== runtime: tiny hybrid MoE, 2 gloo ranks, expert parallel 2 (alltoall dispatcher)"
-"$PY" -m torch.distributed.run --standalone --nproc-per-node 2 tools/demo_moe_ep.py \
-    --expert-parallel 2 --steps 40
+OUT=runs/demo                      # the example configs point here
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONWARNINGS=ignore
+rm -rf "$OUT"
+
+train() {  # train NAME CONFIG [overrides...]: one torchrun job on 2 local gloo ranks
+    local name=$1 config=$2; shift 2
+    echo "== $name"
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m megatron_a1.train \
+        --config "$config" "$@" 2> >(grep -vE "Warning|warn\(|W[0-9]{4} |cpp_extension" >&2)
+}
+loss_fell() {  # loss_fell METRICS.jsonl LABEL
+    "$PY" - "$1" "$2" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+first, last = rows[0]["loss"], rows[-1]["loss"]
+print(f"   {sys.argv[2]}: loss {first:.4f} -> {last:.4f} over {len(rows)} steps")
+sys.exit(0 if last < first else f"{sys.argv[2]}: the loss did not fall")
+PY
+}
+
+echo "== 1/4 preprocess"
+mkdir -p "$OUT/data"
+"$PY" - "$OUT/data" <<'PY'
+import json, sys
+groups = {"research": {"search", "science"}, "agentic": {"coding", "instruction", "tool"}}
+out = {g: open(f"{sys.argv[1]}/{g}.jsonl", "w") for g in groups}
+for line in open("examples/data/trajectories.jsonl"):
+    domain = json.loads(line)["domain"]
+    for g, domains in groups.items():
+        if domain in domains:
+            out[g].write(line)
+PY
+prep() { "$PY" tools/preprocess_trajectories.py --tokenizer qwen --max-seq-len 1024 \
+             --overlong truncate --workers 1 --no-progress --input "$1" --output-prefix "$2"; }
+prep examples/data/trajectories.jsonl "$OUT/data/sft"
+prep "$OUT/data/research.jsonl" "$OUT/data/research"
+prep "$OUT/data/agentic.jsonl" "$OUT/data/agentic"
+prep examples/data/rollouts.jsonl "$OUT/data/rollouts"
+
+train "2/4 stage 1: SFT the student" examples/configs/sft_tiny_cpu.yaml
+loss_fell "$OUT/sft/metrics.jsonl" "SFT"
+
+for teacher in research agentic; do
+    train "3/4 stage 2: $teacher teacher (SFT from the student on its domains)" \
+        examples/configs/sft_tiny_cpu.yaml "data.prefixes=[$OUT/data/$teacher]" \
+        model.init_from=$OUT/sft/checkpoints train.train_steps=6 optim.warmup_steps=1 \
+        checkpoint.dir=$OUT/teacher_$teacher/checkpoints checkpoint.save_interval=0 \
+        logging.tensorboard_dir=$OUT/teacher_$teacher/tensorboard \
+        logging.metrics_jsonl=$OUT/teacher_$teacher/metrics.jsonl
+    loss_fell "$OUT/teacher_$teacher/metrics.jsonl" "$teacher teacher"
+done
+
+train "4/4 stage 3: on-policy distillation (SVA) from the domain teachers" \
+    examples/configs/opd_tiny_cpu.yaml
+loss_fell "$OUT/opd/metrics.jsonl" "OPD (SVA)"
+
+echo
+for run in sft teacher_research teacher_agentic opd; do
+    echo "$run: checkpoints $OUT/$run/checkpoints ($(cat "$OUT/$run/checkpoints/latest")), metrics $OUT/$run/metrics.jsonl"
+done
+echo "tensorboard --logdir $OUT"

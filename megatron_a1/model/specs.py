@@ -69,8 +69,17 @@ def _attention_layer(backend: BackendSpecProvider) -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=_fused_norm_keys("linear_qkv") if fused else {},
         ),
     )
+
+
+def _fused_norm_keys(linear: str) -> dict[str, str]:
+    """Checkpoint keys independent of the backend: with Transformer Engine the pre-norm lives
+    inside the fused norm+linear (``...{linear}.layer_norm_weight``); it is saved and loaded
+    under the local backend's name (``input_layernorm.weight``), megatron-core's own mechanism
+    for TE/local checkpoint compatibility, so one converted checkpoint serves both."""
+    return {f"self_attention.{linear}.layer_norm_": "input_layernorm."}
 
 
 def plain_norm(norm: type) -> type:
@@ -114,6 +123,7 @@ def gdn_layer_spec(backend: BackendSpecProvider) -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=_fused_norm_keys("in_proj") if fused else {},
         ),
     )
 
