@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from megatron_a1.configs import ConfigError, load_config
 from megatron_a1.training.config import TrainConfig
@@ -25,16 +26,23 @@ def parse_args(argv=None):
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     ap.add_argument("--dry-run", action="store_true",
                     help="load and validate the config, print it, and exit")
+    ap.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                    help="ranks to validate the layout against (default: $WORLD_SIZE or 1; set "
+                         "it with --dry-run to check a cluster config on a laptop)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # megatron-core announces every fallback it takes without Transformer Engine/Apex (expected
+    # on CPU) and every deprecation; keep the console for the training log
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron_a1").setLevel(logging.INFO)
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
-        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+        cfg.validate(args.world_size)
     except (ConfigError, OSError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

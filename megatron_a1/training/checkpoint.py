@@ -64,14 +64,12 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 
 
 def _sharded_state(model: list, optimizer, *, is_loading: bool) -> dict:
-    if len(model) == 1:
-        model_sd = model[0].sharded_state_dict()
-        state = {"model": model_sd}
-    else:  # virtual pipeline: one entry per chunk, megatron-core's convention
-        model_sd = {}
-        for i, chunk in enumerate(model):
-            model_sd.update(chunk.sharded_state_dict())  # keys carry global layer numbers
-        state = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+    chunk_sds = [chunk.sharded_state_dict() for chunk in model]
+    # virtual pipeline: one entry per chunk (megatron-core's convention); keys carry global
+    # layer numbers, so the union is the whole model for the optimizer
+    state = ({"model": chunk_sds[0]} if len(model) == 1
+             else {f"model{i}": sd for i, sd in enumerate(chunk_sds)})
+    model_sd = {k: v for sd in chunk_sds for k, v in sd.items()}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata=_OPT_META
@@ -140,13 +138,7 @@ def load_checkpoint(path: str, model: list, optimizer, *, seed: int) -> TrainerS
         optimizer = None
     if optimizer is not None:
         _materialise_optimizer_state(optimizer)
-    sharded = _sharded_state(chunks, optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, path)
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+    loaded = _load(path, chunks, optimizer)
     if optimizer is not None:
         # no_grad: with fp32 weights the distributed optimizer's main params are views of the
         # model's parameters, which autograd forbids copying into in place.
@@ -204,14 +196,16 @@ def _restore_adam_steps(optimizer) -> None:
 
 def load_model_weights(path: str, model: list) -> None:
     """Load only the model weights of a checkpoint (e.g. a teacher, or SFT → OPD init)."""
-    chunks = [_unwrap(c) for c in model]
-    sharded = _sharded_state(chunks, None, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, path)
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+    _load(path, [_unwrap(c) for c in model], None)
+
+
+def _load(path: str, chunks: list, optimizer) -> dict:
+    """Read the checkpoint into the model chunks; return what was loaded (optimizer state too)."""
+    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), path)
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys):
+        chunk.load_state_dict(loaded[key])
+    return loaded
 
 
 def _rng_state() -> dict:

@@ -52,7 +52,7 @@ class MetricsLogger:
         if self.is_main:
             print(msg, flush=True)
 
-    def step(self, state, result, micro_batches, elapsed, optimizer, total_steps, stage) -> None:
+    def step(self, state, result, micro_batches, elapsed, lr, total_steps, stage) -> None:
         # real tokens of this rank's micro-batches, times the data-parallel size
         tokens = sum(int(b["cu_seqlens"][-1]) - int(b.get("num_padding", 0)) for b in micro_batches)
         doc_lengths = [int(x) for b in micro_batches for x in torch.diff(b["cu_seqlens"])]
@@ -64,7 +64,7 @@ class MetricsLogger:
         self.history.append(result.loss)
         metrics = {
             "step": state.iteration, "loss": result.loss, "grad_norm": result.grad_norm,
-            "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": step_tokens / elapsed,
+            "lr": lr, "tokens_per_s": step_tokens / elapsed,
             "tflops_per_gpu": tflops, "skipped": result.skipped,
             "consumed_samples": state.consumed_samples, **stage.metrics,
         }

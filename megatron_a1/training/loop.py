@@ -127,6 +127,7 @@ def run(cfg: TrainConfig) -> dict:
     while state.iteration < total_steps:
         micro = [next(batches) for _ in range(num_micro)]
         stage.prepare(micro)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         start = time.perf_counter()
         result = train_step(stage.forward_step, iter(micro), ddp, optimizer,
                             num_microbatches=num_micro, seq_length=cfg.data.max_seq_len,
@@ -144,7 +145,7 @@ def run(cfg: TrainConfig) -> dict:
             scheduler.step(1)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
-        logger.step(state, result, micro, elapsed, optimizer, total_steps, stage)
+        logger.step(state, result, micro, elapsed, lr, total_steps, stage)
 
         preempted = preempt.any_rank()
         exiting = preempted or bool(t.exit_interval and state.iteration % t.exit_interval == 0)

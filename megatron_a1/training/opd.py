@@ -160,6 +160,11 @@ class OPDStage:
         if self.tp > 1:
             raise NotImplementedError("OPD with tensor parallelism needs the Triton SVA kernels "
                                       "(a GPU, or TRITON_INTERPRET=1 on CPU)")
-        # CPU without the Triton interpreter: the plain-PyTorch oracle (same maths)
-        return fused_linear_sva_reference(student, w_s, teacher, w_t, k,
-                                          vocab_size=self.vocab_size, mask=mask)
+        # CPU without the Triton interpreter: the plain-PyTorch oracle (same maths), on the
+        # masked-in rows only (it materialises [rows, V] logits)
+        rows = mask.nonzero().squeeze(1)
+        loss = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
+        if rows.numel():
+            loss = loss.index_put((rows,), fused_linear_sva_reference(
+                student[rows], w_s, teacher[rows], w_t, k, vocab_size=self.vocab_size))
+        return loss
