@@ -167,3 +167,34 @@ def test_example_configs_load(dataset):
     assert names
     for name in names:
         load_config(TrainConfig, os.path.join(root, name))
+
+
+def sigterm_after_step_2(rank, world_size, overrides):
+    """``train_body``, with SIGTERM delivered to this process right after the second step."""
+    import signal
+
+    import megatron_a1.training.loop as loop
+
+    real, calls = loop.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what Slurm sends before preempting a job
+        return result
+
+    loop.train_step = step_then_signal
+    return train_body(rank, world_size, overrides)
+
+
+def test_sigterm_checkpoints_and_resume_continues(single_rank_run, dataset, init_ckpt, tmp_path):
+    """SIGTERM mid-run: the trainer saves a checkpoint and exits; the next run resumes exactly."""
+    _, ref = single_rank_run
+    ck = str(tmp_path / "ck")
+    run = base_overrides(dataset, ck, 4, init_ckpt) + ["checkpoint.save_interval=0"]
+    [first] = run_multirank(sigterm_after_step_2, 1, args=(run,))
+    assert first["losses"] == ref["losses"][:2]
+    assert open(os.path.join(ck, "latest")).read().strip() == "iter_0000002"
+    [second] = run_multirank(train_body, 1, args=(run,))
+    assert second["losses"] == ref["losses"][2:]
