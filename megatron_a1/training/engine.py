@@ -53,7 +53,6 @@ def setup_ddp_and_optimizer(model_chunks: list, optimizer_config: OptimizerConfi
     optimizer = get_megatron_optimizer(optimizer_config, ddp_chunks)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [c.no_sync for c in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
-    config.grad_sync_func = None
     return ddp_chunks, optimizer
 
 

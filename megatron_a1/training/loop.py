@@ -70,6 +70,10 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def close(self) -> None:
+        """Give SIGTERM back to whoever handled it before the run."""
+        signal.signal(signal.SIGTERM, self._previous)
+
     def any_rank(self) -> bool:
         flag = torch.tensor([int(self.requested)], dtype=torch.int32)
         if torch.cuda.is_available():
@@ -124,6 +128,14 @@ def run(cfg: TrainConfig) -> dict:
     logger = MetricsLogger(cfg, rt, info, model)
     preempt, nonfinite_run, saved_at = _Preemption(), 0, None
 
+    def save() -> int:
+        state.scheduler = scheduler.state_dict()
+        # before the first step the optimizer has no state: the checkpoint holds weights only
+        path = ckpt.save_checkpoint(cfg.checkpoint.dir, ddp, optimizer if state.iteration else None,
+                                    state, keep_last=cfg.checkpoint.keep_last)
+        logger.info(f"saved {path}")
+        return state.iteration
+
     while state.iteration < total_steps:
         micro = [next(batches) for _ in range(num_micro)]
         stage.prepare(micro)
@@ -150,25 +162,21 @@ def run(cfg: TrainConfig) -> dict:
         preempted = preempt.any_rank()
         exiting = preempted or bool(t.exit_interval and state.iteration % t.exit_interval == 0)
         due = cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0
-        if cfg.checkpoint.dir and (due or exiting or state.iteration == total_steps):
-            state.scheduler = scheduler.state_dict()
-            path = ckpt.save_checkpoint(cfg.checkpoint.dir, ddp, optimizer, state,
-                                        keep_last=cfg.checkpoint.keep_last)
-            saved_at = state.iteration
-            logger.info(f"saved {path}")
+        if cfg.checkpoint.dir and (due or exiting):
+            saved_at = save()
         if exiting:
             logger.info(("SIGTERM received" if preempted else "train.exit_interval reached")
                         + ": checkpoint written, exiting")
             break
 
+    # The end of the run is always on disk (with train_steps=0: the initial weights, a common
+    # starting point for other layouts), unless this very iteration already is.
     if cfg.checkpoint.dir and saved_at != state.iteration and not latest_is(cfg, state):
-        # e.g. train_steps=0: writes the initial weights (a starting point for other layouts)
-        state.scheduler = scheduler.state_dict()
-        ckpt.save_checkpoint(cfg.checkpoint.dir, ddp, optimizer if state.iteration else None,
-                             state, keep_last=cfg.checkpoint.keep_last)
+        save()
 
     summary = {"step": state.iteration, "loss": logger.last_loss, "checkpoint_dir": cfg.checkpoint.dir,
                "losses": logger.history}
     logger.close()
+    preempt.close()
     destroy()
     return summary

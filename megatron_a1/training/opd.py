@@ -85,9 +85,10 @@ class OPDStage:
     def prepare(self, micro_batches: list[dict]) -> None:
         """Attach ``sva_weight`` [T] (the w_t above) to each micro-batch of this step."""
         dp_group = parallel_state.get_data_parallel_group()
+        responses = [self._response_counts(b) for b in micro_batches]
         counts = torch.zeros(len(self.domains), dtype=torch.float64)
-        for b in micro_batches:
-            for d, n_resp in zip(b["domains"], self._response_counts(b)):
+        for b, per_doc in zip(micro_batches, responses):
+            for d, n_resp in zip(b["domains"], per_doc):
                 if d not in self.teachers:
                     raise KeyError(f"document domain {d!r} has no teacher; opd.teachers has "
                                    f"{self.domains}")
@@ -96,10 +97,10 @@ class OPDStage:
         torch.distributed.all_reduce(counts, group=dp_group)
         present = int((counts > 0).sum())
         scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
-        for b in micro_batches:
+        for b, per_doc in zip(micro_batches, responses):
             cu, mask = b["cu_seqlens"], b["loss_mask"][0]
             w = torch.zeros_like(mask)
-            for i, (d, n_resp) in enumerate(zip(b["domains"], self._response_counts(b))):
+            for i, (d, n_resp) in enumerate(zip(b["domains"], per_doc)):
                 if n_resp:
                     s, e = int(cu[i]), int(cu[i + 1])
                     w[s:e] = mask[s:e] / (present * counts[self.domains.index(d)] * n_resp)

@@ -20,8 +20,7 @@ from megatron_a1.training.losses import masked_token_sum
 def _to_device(batch: dict) -> dict:
     if not torch.cuda.is_available():
         return batch
-    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) and k != "cu_seqlens_cpu" else v
-            for k, v in batch.items()}
+    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def sft_loss(loss_mask: torch.Tensor, output: torch.Tensor):
