@@ -78,6 +78,7 @@ class OPDStage:
     def __init__(self, cfg, rt, teachers: dict[str, torch.nn.Module], vocab_size: int | None):
         self.cfg, self.teachers, self.vocab_size = cfg, teachers, vocab_size
         self.domains = sorted(teachers)
+        self.teacher_groups = self._group_teachers()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.metrics: dict = {}
@@ -122,7 +123,7 @@ class OPDStage:
         # even when their micro-batches hold different domains. Tokens of documents routed to
         # other teachers are masked out of each teacher's SVA call.
         token_loss = None
-        for path_model, domains in self._teacher_groups():
+        for path_model, domains in self.teacher_groups:
             with torch.no_grad():
                 teacher = final_hidden(path_model, batch)
             part = self._sva(student, teacher, w_s, path_model.output_layer.weight, batch,
@@ -134,7 +135,7 @@ class OPDStage:
         return loss_sum, lambda out: (out, one, {"loss": torch.stack([out.detach(),
                                                                       one.float()])})
 
-    def _teacher_groups(self) -> list[tuple[torch.nn.Module, set[str]]]:
+    def _group_teachers(self) -> list[tuple[torch.nn.Module, set[str]]]:
         """Distinct teacher models with the domains routed to each, in a fixed order."""
         groups: dict[int, tuple[torch.nn.Module, set[str]]] = {}
         for d in self.domains:
