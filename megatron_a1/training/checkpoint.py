@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,6 +42,8 @@ class TrainerState:
     config: dict | None = None
     has_optimizer: bool = True
     """False for a weights-only checkpoint (e.g. the initial weights, before any step)."""
+    data: dict = field(default_factory=dict)
+    """The data source's resume point beyond ``consumed_samples`` (GRPO: ``group_cursor``)."""
 
 
 def _iter_name(iteration: int) -> str:

@@ -116,6 +116,9 @@ class LoggingSection:
 class OPDSection:
     teachers: dict[str, str] = field(default_factory=dict)
     """Domain → teacher checkpoint directory; each sample is scored by its domain's teacher."""
+    teacher_topk: dict[str, str] = field(default_factory=dict)
+    """Domain → precomputed teacher top-k store (``tools/precompute_teacher_topk.py``), for a
+    teacher that does not fit beside the student; a domain is in ``teachers`` or here."""
     topk: int = 64
     """Salient-set size of the SVA loss."""
     chunk_size: int = 4096
@@ -126,6 +129,14 @@ class OPDSection:
 
 @dataclass(kw_only=True)
 class GRPOSection(GRPOLossConfig):
+    rollouts: str | None = None
+    """Rollout-group JSONL (offline GRPO; :mod:`megatron_a1.training.rollout_groups`)."""
+    prompts_per_step: int = 32
+    """Groups (prompts) per optimizer step after dynamic sampling; all their samples train."""
+    tokenizer: str | None = None
+    """Tokenizer spec, needed only for records that carry ``messages`` but no ``tokens``."""
+    chunk_size: int = 4096
+    """Positions per chunk of the LM head when computing log-probs and entropy."""
     reference: str | None = None
     """Checkpoint of the frozen reference policy for the KL term (None: the initial weights)."""
     asymmetric_process_weight: float | None = None
@@ -164,7 +175,7 @@ class TrainConfig:
         if self.parallel.pipeline_parallel > 1 and t.global_batch_size // (t.micro_batch_size * dp) < self.parallel.pipeline_parallel:
             raise ConfigError("with pipeline parallelism, use at least as many micro-batches per "
                               "step as pipeline stages (raise train.global_batch_size)")
-        if not self.data.prefixes:
+        if t.stage != "grpo" and not self.data.prefixes:
             raise ConfigError("data.prefixes: give at least one preprocessed dataset prefix")
         for p in self.data.prefixes:
             if not os.path.exists(p + ".idx"):
@@ -183,10 +194,32 @@ class TrainConfig:
                 if not os.path.isdir(path):
                     raise ConfigError(f"opd.teachers.{domain}: {path} is not a checkpoint "
                                       "directory")
+        if t.stage == "grpo":
+            self._validate_grpo()
         if (self.checkpoint.save_interval or t.exit_interval) and not self.checkpoint.dir:
             raise ConfigError("checkpoint.save_interval and train.exit_interval need checkpoint.dir")
         if self.model.bf16 and not _cuda():
             raise ConfigError("model.bf16 needs a GPU; set model.bf16=false on CPU")
+
+    def _validate_grpo(self) -> None:
+        g = self.grpo
+        if not g.rollouts:
+            raise ConfigError("grpo.rollouts: give the rollout-group JSONL to train on")
+        if not os.path.isfile(g.rollouts):
+            raise ConfigError(f"grpo.rollouts: {g.rollouts} not found")
+        if self.parallel.pipeline_parallel > 1:
+            raise ConfigError("train.stage=grpo does not support pipeline parallelism yet "
+                              "(log-probs need the last stage's hidden states); use "
+                              "parallel.pipeline_parallel=1")
+        if g.prompts_per_step < 1:
+            raise ConfigError("grpo.prompts_per_step must be >= 1")
+        if not 0 <= g.clip_low < 1 or g.clip_high < 0:
+            raise ConfigError("grpo.clip_low must be in [0, 1) and grpo.clip_high >= 0")
+        if g.kl_coef and not (g.reference or self.model.init_from):
+            raise ConfigError("grpo.kl_coef > 0 needs a reference policy: set grpo.reference or "
+                              "model.init_from (or grpo.kl_coef=0)")
+        if g.reference and not os.path.isdir(g.reference):
+            raise ConfigError(f"grpo.reference: {g.reference} is not a checkpoint directory")
 
 
 def _cuda() -> bool:

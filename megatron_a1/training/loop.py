@@ -13,24 +13,17 @@ import signal
 import time
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_a1.configs import to_dict
-from megatron_a1.data.dataset import (
-    BlendedPackedDataset,
-    LoaderConfig,
-    PackedDatasetConfig,
-    build_dataloader,
-    build_packed_dataset,
-)
 from megatron_a1.runtime import destroy, initialize
 from megatron_a1.training import checkpoint as ckpt
 from megatron_a1.training.config import TrainConfig
 from megatron_a1.training.engine import setup_ddp_and_optimizer, train_step
 from megatron_a1.training.logger import MetricsLogger
 from megatron_a1.training.model_setup import build_model_chunks
+from megatron_a1.training.sources import make_source
 from megatron_a1.training.stages import make_stage
 
 log = logging.getLogger("megatron_a1.train")
@@ -95,18 +88,8 @@ def run(cfg: TrainConfig) -> dict:
     model, info = build_model_chunks(cfg, rt)
     ddp, optimizer = setup_ddp_and_optimizer(model, _optimizer_config(cfg))
 
-    data_cfg = PackedDatasetConfig(prefixes=cfg.data.prefixes, weights=cfg.data.weights,
-                                   max_seq_len=cfg.data.max_seq_len, seed=cfg.data.seed)
-    one_epoch = build_packed_dataset(data_cfg)
-    total_steps = (t.train_steps if t.train_steps is not None
-                   else max(1, math.floor(len(one_epoch) * t.epochs / t.global_batch_size)))
-    # The global sample index covers the whole run (blends wrap around their datasets), so the
-    # consumed-sample count alone is the resume point.
-    dataset = BlendedPackedDataset(one_epoch.datasets, cfg.data.weights or
-                                   [len(d) for d in one_epoch.datasets],
-                                   total_steps * t.global_batch_size)
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    source = make_source(cfg, rt)
+    total_steps = source.total_steps
     scheduler = _scheduler(cfg, optimizer, total_steps)
 
     state = ckpt.TrainerState(config=to_dict(cfg))
@@ -119,12 +102,8 @@ def run(cfg: TrainConfig) -> dict:
         ckpt.load_model_weights(ckpt.latest_checkpoint(cfg.model.init_from) or cfg.model.init_from, ddp)
         optimizer.reload_model_params()
 
-    stage = make_stage(cfg, rt, info)
-    pad = rt.parallel.tensor_parallel * (2 * rt.parallel.context_parallel if rt.parallel.context_parallel > 1 else 1)
-    batches = iter(build_dataloader(dataset, LoaderConfig(
-        micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=dp,
-        consumed_samples=state.consumed_samples, num_workers=cfg.data.num_workers,
-        pad_to_multiple=pad if pad > 1 else None)))
+    stage = make_stage(cfg, rt, info, ddp)
+    source.start(state)
     logger = MetricsLogger(cfg, rt, info, model)
     preempt, nonfinite_run, saved_at = _Preemption(), 0, None
 
@@ -137,12 +116,13 @@ def run(cfg: TrainConfig) -> dict:
         return state.iteration
 
     while state.iteration < total_steps:
-        micro = [next(batches) for _ in range(num_micro)]
+        step = source.next_step(state)
+        micro = step.micro_batches
         stage.prepare(micro)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         start = time.perf_counter()
         result = train_step(stage.forward_step, iter(micro), ddp, optimizer,
-                            num_microbatches=num_micro, seq_length=cfg.data.max_seq_len,
+                            num_microbatches=len(micro), seq_length=cfg.data.max_seq_len,
                             micro_batch_size=1)
         elapsed = time.perf_counter() - start
         if result.skipped:
@@ -156,7 +136,7 @@ def run(cfg: TrainConfig) -> dict:
             nonfinite_run = 0
             scheduler.step(1)
         state.iteration += 1
-        state.consumed_samples += t.global_batch_size
+        stage.finish(step)
         logger.step(state, result, micro, elapsed, lr, total_steps, stage)
 
         preempted = preempt.any_rank()

@@ -20,6 +20,12 @@ policy, one query of it under ``split``). Teachers share the student's architect
 parallel layout and live on the same ranks (memory: one extra model per distinct teacher
 checkpoint, weights only, no optimizer state or gradients); pipeline parallelism is not
 supported for this stage.
+
+A teacher that does not fit beside the student is replaced by its precomputed top-k
+(``opd.teacher_topk``: domain → store from ``tools/precompute_teacher_topk.py``, read by
+:mod:`megatron_a1.training.teacher_topk`): the documents of those domains are scored by
+:func:`a1_kernels.sva.sva_from_topk` from the stored ids and teacher logits and the student's
+logits at those ids only. Same ℓ_t, same weights.
 """
 from __future__ import annotations
 
@@ -29,10 +35,20 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-from a1_kernels.sva import fused_linear_sva
+from a1_kernels.sva import fused_linear_sva, sva_from_topk
 from a1_kernels.sva.reference import fused_linear_sva_reference
 from megatron_a1.data.dataset import packed_seq_params
 from megatron_a1.training import checkpoint as ckpt
+
+
+def load_frozen(cfg, rt, path: str, build_model_chunks) -> torch.nn.Module:
+    """A model of the run's preset and layout with the weights of checkpoint ``path``, frozen."""
+    chunks, _ = build_model_chunks(cfg, rt)
+    ckpt.load_model_weights(ckpt.latest_checkpoint(path) or path, chunks)
+    model = chunks[0].eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def build_teachers(cfg, rt, build_model_chunks) -> dict[str, torch.nn.Module]:
@@ -41,12 +57,7 @@ def build_teachers(cfg, rt, build_model_chunks) -> dict[str, torch.nn.Module]:
     teachers = {}
     for domain, path in sorted(cfg.opd.teachers.items()):
         if path not in by_path:
-            chunks, _ = build_model_chunks(cfg, rt)
-            ckpt.load_model_weights(ckpt.latest_checkpoint(path) or path, chunks)
-            model = chunks[0].eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            by_path[path] = model
+            by_path[path] = load_frozen(cfg, rt, path, build_model_chunks)
         teachers[domain] = by_path[path]
     return teachers
 
@@ -75,10 +86,18 @@ class OPDStage:
 
     name = "opd"
 
-    def __init__(self, cfg, rt, teachers: dict[str, torch.nn.Module], vocab_size: int | None):
+    def __init__(self, cfg, rt, teachers: dict[str, torch.nn.Module], vocab_size: int | None,
+                 stores: dict | None = None):
+        """``teachers``: domain → co-located model; ``stores``: domain → bound
+        :class:`~megatron_a1.training.teacher_topk.TeacherTopkStore`; a domain is in one."""
         self.cfg, self.teachers, self.vocab_size = cfg, teachers, vocab_size
-        self.domains = sorted(teachers)
-        self.teacher_groups = self._group_teachers()
+        self.stores = stores or {}
+        if set(self.teachers) & set(self.stores):
+            raise ValueError(f"domains {sorted(set(self.teachers) & set(self.stores))} have both "
+                             "a co-located teacher and a teacher top-k store")
+        self.domains = sorted({**self.teachers, **self.stores})
+        self.teacher_groups = self._group(self.teachers)
+        self.store_groups = self._group(self.stores)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.metrics: dict = {}
@@ -90,9 +109,9 @@ class OPDStage:
         counts = torch.zeros(len(self.domains), dtype=torch.float64)
         for b, per_doc in zip(micro_batches, responses):
             for d, n_resp in zip(b["domains"], per_doc):
-                if d not in self.teachers:
-                    raise KeyError(f"document domain {d!r} has no teacher; opd.teachers has "
-                                   f"{self.domains}")
+                if d not in self.domains:
+                    raise KeyError(f"document domain {d!r} has no teacher; opd.teachers and "
+                                   f"opd.teacher_topk have {self.domains}")
                 if n_resp:
                     counts[self.domains.index(d)] += 1
         torch.distributed.all_reduce(counts, group=dp_group)
@@ -108,6 +127,9 @@ class OPDStage:
             b["sva_weight"], b["sva_scale"] = w, scale
         self.metrics = {f"samples/{d}": float(c) for d, c in zip(self.domains, counts)}
 
+    def finish(self, step) -> None:
+        """Nothing after the step: the per-domain sample counts are set in ``prepare``."""
+
     @staticmethod
     def _response_counts(batch: dict) -> list[int]:
         cu, mask = batch["cu_seqlens"], batch["loss_mask"][0]
@@ -122,42 +144,65 @@ class OPDStage:
         # forward holds collectives (EP alltoall, TP), so ranks must agree on which teachers run
         # even when their micro-batches hold different domains. Tokens of documents routed to
         # other teachers are masked out of each teacher's SVA call.
-        token_loss = None
+        token_loss = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
         for path_model, domains in self.teacher_groups:
             with torch.no_grad():
                 teacher = final_hidden(path_model, batch)
-            part = self._sva(student, teacher, w_s, path_model.output_layer.weight, batch,
-                             domains)
-            token_loss = part if token_loss is None else token_loss + part
+            token_loss = token_loss + self._sva(student, teacher, w_s,
+                                                path_model.output_layer.weight, batch, domains)
+        for store, domains in self.store_groups:
+            token_loss = token_loss + self._sva_from_store(student, w_s, store, batch, domains)
         weight = batch["sva_weight"]
         loss_sum = (token_loss * weight).sum() * batch["sva_scale"]
         one = torch.ones((), dtype=torch.int)
         return loss_sum, lambda out: (out, one, {"loss": torch.stack([out.detach(),
                                                                       one.float()])})
 
-    def _group_teachers(self) -> list[tuple[torch.nn.Module, set[str]]]:
-        """Distinct teacher models with the domains routed to each, in a fixed order."""
-        groups: dict[int, tuple[torch.nn.Module, set[str]]] = {}
-        for d in self.domains:
-            m = self.teachers[d]
+    @staticmethod
+    def _group(by_domain: dict) -> list[tuple[object, set[str]]]:
+        """Distinct teachers (models or stores) with the domains routed to each, in a fixed order."""
+        groups: dict[int, tuple[object, set[str]]] = {}
+        for d in sorted(by_domain):
+            m = by_domain[d]
             groups.setdefault(id(m), (m, set()))[1].add(d)
         return sorted(groups.values(), key=lambda g: min(g[1]))
 
-    def _sva(self, student, teacher, w_s, w_t, batch, domains: set[str]):
+    @staticmethod
+    def _rows_of(batch, domains: set[str]) -> torch.Tensor:
+        """[T] bool: the weighted positions of the pack's documents of ``domains``."""
         cu, mask = batch["cu_seqlens"], torch.zeros_like(batch["sva_weight"], dtype=torch.bool)
         for i, d in enumerate(batch["domains"]):
             if d in domains:
                 mask[int(cu[i]):int(cu[i + 1])] = True
-        mask &= batch["sva_weight"] > 0
+        return mask & (batch["sva_weight"] > 0)
+
+    def _reduce_hidden_grad(self, w_s) -> bool:
+        # with sequence parallelism the gather's backward already sums the partial hidden
+        # gradients over TP
+        return (not getattr(w_s, "sequence_parallel", False)
+                and not self.cfg.parallel.sequence_parallel)
+
+    def _sva_from_store(self, student, w_s, store, batch, domains: set[str]):
+        """ℓ_t of the documents of ``domains`` from the store's teacher top-k."""
+        rows = self._rows_of(batch, domains).nonzero().squeeze(1)
+        loss = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
+        if not rows.numel():  # the same on every TP rank: they share the micro-batch
+            return loss
+        ids, logits = store.gather(batch, rows, self.cfg.opd.topk)
+        part = sva_from_topk(student[rows], w_s, ids.to(student.device), logits,
+                             tp_group=self.tp_group if self.tp > 1 else None,
+                             reduce_hidden_grad=self._reduce_hidden_grad(w_s),
+                             chunk_size=self.cfg.opd.chunk_size)
+        return loss.index_put((rows,), part)
+
+    def _sva(self, student, teacher, w_s, w_t, batch, domains: set[str]):
+        mask = self._rows_of(batch, domains)
         k = self.cfg.opd.topk
         if student.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
             return fused_linear_sva(
                 student, w_s, teacher, w_t, k, self.cfg.opd.chunk_size, mask=mask,
                 vocab_size=self.vocab_size, tp_group=self.tp_group if self.tp > 1 else None,
-                # with sequence parallelism the gather's backward already sums the partial
-                # hidden gradients over TP
-                reduce_hidden_grad=not getattr(w_s, "sequence_parallel", False)
-                and not self.cfg.parallel.sequence_parallel,
+                reduce_hidden_grad=self._reduce_hidden_grad(w_s),
             )
         if self.tp > 1:
             raise NotImplementedError("OPD with tensor parallelism needs the Triton SVA kernels "

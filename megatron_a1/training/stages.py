@@ -49,18 +49,23 @@ class Stage:
     def prepare(self, micro_batches: list[dict]) -> None:
         """Per-step work on the step's micro-batches before the forward passes (none for SFT)."""
 
+    def finish(self, step) -> None:
+        """Per-step work after the optimizer step, e.g. metrics (none for SFT)."""
 
-def make_stage(cfg, rt, info):
-    """The stage selected by ``cfg.train.stage``."""
+
+def make_stage(cfg, rt, info, model: list):
+    """The stage selected by ``cfg.train.stage``; ``model`` is the (DDP-wrapped) policy."""
     if cfg.train.stage == "sft":
         return Stage("sft", sft_forward_step)
     if cfg.train.stage == "opd":
         from megatron_a1.training.model_setup import build_model_chunks
         from megatron_a1.training.opd import OPDStage, build_teachers
+        from megatron_a1.training.teacher_topk import build_stores
 
         return OPDStage(cfg, rt, build_teachers(cfg, rt, build_model_chunks),
-                        cfg.opd.real_vocab_size)
-    raise NotImplementedError(
-        "train.stage='grpo': the GRPO loop (rollout groups, reference model) is not wired into "
-        "the trainer yet; its losses are in megatron_a1.training.losses"
-    )
+                        cfg.opd.real_vocab_size, stores=build_stores(cfg, info.vocab_size))
+    from megatron_a1.training.grpo import GRPOStage, build_reference
+    from megatron_a1.training.model_setup import build_model_chunks
+
+    reference = build_reference(cfg, rt, build_model_chunks) if cfg.grpo.kl_coef else None
+    return GRPOStage(cfg, model, reference)
