@@ -1,0 +1,402 @@
+"""Serve any :class:`~megatron_a1.rollout.engine.Engine` over HTTP, speaking vLLM's and SGLang's
+token-in/token-out protocols (the subset :mod:`megatron_a1.rollout.http` and
+:mod:`megatron_a1.rollout.weight_sync` use), so the CPU demo and the tests run the same client
+code as a GPU cluster.
+
+``make_server(engine, host, port, reload=...)`` returns a stdlib ``ThreadingHTTPServer`` (call
+``serve_forever()``; port 0 picks a free one: ``server.server_address[1]``). Connections are
+served concurrently, but the engine runs one request at a time (an in-process engine is not
+thread-safe); waiting requests queue in arrival order.
+
+Routes (request/response fields as documented in :mod:`megatron_a1.rollout.http`):
+
+========================================  ======================================================
+``GET  /health``                          200 ``{}``
+``POST /inference/v1/generate``           vLLM ``GenerateRequest`` → ``GenerateResponse``, plus
+                                          a top-level ``weight_version`` (our extension)
+``POST /generate``                        SGLang, one ``input_ids`` list per request
+``POST /pause?mode=abort|wait|keep``      vLLM pause; ``POST /resume``; ``GET /is_paused``
+``POST /pause_generation {"mode"}``       SGLang pause; ``POST /continue_generation``
+``POST /collective_rpc``                  vLLM, only ``{"method": "reload_weights", "kwargs":
+                                          {"weights_path": DIR}}``: reload, version + 1
+``POST /update_weight_version``           vLLM ``{"new_version": "N"}``; ``GET /weight_info``
+``POST /update_weights_from_disk``        SGLang ``{"model_path", "weight_version"?}``
+``GET  /model_info``                      SGLang ``{"weight_version", ...}``
+========================================  ======================================================
+
+Pause semantics (vLLM's, as ``AsyncLLM.pause_generation`` documents them): while paused, new
+generate requests wait until resume (the client's timeout still applies). ``mode=wait`` returns
+once the running request finished; ``mode=abort`` also answers every queued, not yet started
+request with ``finish_reason: "abort"`` (SGLang: ``{"type": "abort"}``), which the client re-sends;
+the running request cannot be interrupted mid-generation here, so it finishes first (vLLM would
+abort it too). ``mode=keep`` returns at once and leaves the queue as it is. SGLang's ``abort``
+maps to ``abort``, ``retract`` and ``in_place`` to ``keep``.
+
+Weight updates call ``reload(path)``, which must load the weights in ``path`` into the served
+engine (or return a new engine to serve from then on); it runs when no generation is running,
+paused or not. Without ``reload`` the update routes answer 400. Errors: a malformed request or an
+engine ``ValueError`` (e.g. a token id outside the vocabulary) answers 400, any other engine
+exception 500, with the message as vLLM formats it: ``{"error": {"message", "type", "code"}}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlparse
+
+from .engine import Engine, Generation, SamplingParams
+
+_PAUSE_MODES = {"abort": "abort", "wait": "wait", "keep": "keep",  # vLLM
+                "retract": "keep", "in_place": "keep"}  # SGLang
+
+
+class BadRequest(ValueError):
+    """The request does not follow the protocol (answered 400)."""
+
+
+class _Aborted(Exception):
+    pass
+
+
+class ServedEngine:
+    """The engine, its version and the pause/queue state shared by the handler threads."""
+
+    def __init__(self, engine: Engine, reload: Callable[[str], Engine | None] | None = None):
+        self.engine, self.reload_fn = engine, reload
+        self.cond = threading.Condition()
+        self.busy = False  # a generation or a reload is running
+        self.paused = False
+        self.abort_epoch = 0  # bumped by pause(abort): requests queued before it are aborted
+        self.queued = 0  # requests waiting for the engine (queue, or pause)
+        self.hits: Counter[str] = Counter()  # requests received per path (for tests and logs)
+
+    @property
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def _acquire(self, *, for_generation: bool) -> None:
+        with self.cond:
+            epoch = self.abort_epoch
+            self.queued += 1
+            try:
+                while True:
+                    if for_generation and self.abort_epoch != epoch:
+                        raise _Aborted
+                    if not self.busy and not (for_generation and self.paused):
+                        break
+                    self.cond.wait()
+            finally:
+                self.queued -= 1
+            self.busy = True
+
+    def _release(self) -> None:
+        with self.cond:
+            self.busy = False
+            self.cond.notify_all()
+
+    def generate(self, prompt: list[int], sampling: SamplingParams) -> tuple[Generation, int]:
+        """(generation, weight version it was sampled with); raises :class:`_Aborted`."""
+        self._acquire(for_generation=True)
+        try:
+            (g,) = self.engine.generate([prompt], sampling)
+            return g, self.engine.weight_version
+        finally:
+            self._release()
+
+    def pause(self, mode: str) -> None:
+        with self.cond:
+            self.paused = True
+            if mode == "abort":
+                self.abort_epoch += 1
+            self.cond.notify_all()
+            if mode in ("abort", "wait"):
+                while self.busy:
+                    self.cond.wait()
+
+    def resume(self) -> None:
+        with self.cond:
+            self.paused = False
+            self.cond.notify_all()
+
+    def reload(self, path: str, version: int | None) -> int:
+        if self.reload_fn is None:
+            raise BadRequest("this server was started without a weight loader")
+        if not os.path.isdir(path):
+            raise BadRequest(f"weights path is not a directory on the server: {path}")
+        self._acquire(for_generation=False)
+        try:
+            new_engine = self.reload_fn(path)
+            old = self.engine.weight_version
+            if new_engine is not None:
+                self.engine = new_engine
+            self.engine.weight_version = old + 1 if version is None else version
+            return self.engine.weight_version
+        finally:
+            self._release()
+
+    def set_version(self, version: int) -> None:
+        with self.cond:
+            self.engine.weight_version = version
+
+
+# ----------------------------------------------------------------------------------------------
+# Protocol translation
+# ----------------------------------------------------------------------------------------------
+def _token_ids(value, name: str) -> list[int]:
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):
+        raise BadRequest(f"{name} must be a non-empty list of non-negative ints")
+    return value
+
+
+def _sampling(sp: Any, max_key: str, seed_key: str, default_max: int) -> SamplingParams:
+    if not isinstance(sp, dict):
+        raise BadRequest("sampling_params must be an object")
+    try:
+        top_k = int(sp.get("top_k", -1))
+        return SamplingParams(
+            temperature=float(sp.get("temperature", 1.0)), top_p=float(sp.get("top_p", 1.0)),
+            top_k=-1 if top_k == 0 else top_k,  # vLLM: 0 and -1 both mean off
+            max_tokens=int(sp.get(max_key) or default_max),
+            stop_token_ids=[int(t) for t in sp.get("stop_token_ids") or []],
+            seed=None if sp.get(seed_key) is None else int(sp[seed_key]))
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"bad sampling_params: {e}") from None
+
+
+def _version_arg(value) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        raise BadRequest(f"weight version must be an integer, got {value!r}") from None
+
+
+def vllm_answer(g: Generation | None, version: int, want_logprobs: bool) -> dict:
+    if g is None:
+        choice = {"index": 0, "token_ids": [], "logprobs": None, "finish_reason": "abort"}
+    else:
+        content = [{"token": f"token_id:{t}", "logprob": max(lp, -9999.0), "bytes": None,
+                    "top_logprobs": []} for t, lp in zip(g.token_ids, g.logprobs)]
+        choice = {"index": 0, "token_ids": g.token_ids, "finish_reason": g.finish_reason,
+                  "logprobs": {"content": content} if want_logprobs else None}
+    return {"request_id": f"generate-tokens-{uuid.uuid4().hex}", "choices": [choice],
+            "prompt_logprobs": None, "kv_transfer_params": None, "weight_version": str(version)}
+
+
+def sglang_answer(g: Generation | None, version: int, prompt_len: int, want_logprobs: bool) -> dict:
+    ids = [] if g is None else g.token_ids
+    if g is None:
+        reason = {"type": "abort", "message": "aborted by pause_generation"}
+    elif g.finish_reason == "stop":
+        reason = {"type": "stop", "matched": ids[-1] if ids else None}
+    else:
+        reason = {"type": g.finish_reason, "length": len(ids)}
+    meta = {"id": uuid.uuid4().hex, "finish_reason": reason, "prompt_tokens": prompt_len,
+            "completion_tokens": len(ids), "weight_version": str(version)}
+    if want_logprobs:
+        meta["output_token_logprobs"] = [] if g is None else [
+            [lp, t, None] for t, lp in zip(g.token_ids, g.logprobs)]
+    return {"text": "", "output_ids": ids, "meta_info": meta}
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTP
+# ----------------------------------------------------------------------------------------------
+def _error_body(status: int, message: str) -> dict:
+    """vLLM's ``ErrorResponse`` shape."""
+    kind = "BadRequestError" if status < 500 else "InternalServerError"
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "megatron-a1-serve/1"
+    server: "EngineHTTPServer"
+
+    def log_message(self, fmt, *args):  # quiet unless asked
+        if self.server.verbose:
+            super().log_message(fmt, *args)
+
+    def _send(self, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict:
+        n = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(n) if n else b""
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise BadRequest(f"JSON decode error: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return body
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlparse(self.path)
+        route = self.server.routes.get((method, url.path))
+        self.server.state.hits[url.path] += 1
+        if route is None:
+            self._send(404, _error_body(404, f"no route {method} {url.path}"))
+            return
+        try:
+            status, obj = route(self, parse_qs(url.query))
+        except ValueError as e:  # BadRequest, or the engine rejecting the request (as vLLM)
+            status, obj = 400, _error_body(400, str(e))
+        except Exception as e:  # noqa: BLE001 - the engine's failure is the client's 500
+            status, obj = 500, _error_body(500, f"{type(e).__name__}: {e}")
+        try:
+            self._send(status, obj)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
+            pass
+
+    # --- vLLM ---------------------------------------------------------------------------------
+    def vllm_generate(self, query):
+        body = self._body()
+        prompt = _token_ids(body.get("token_ids"), "token_ids")
+        sp = body.get("sampling_params") or {}
+        sampling = _sampling(sp, "max_tokens", "seed", default_max=16)
+        g, v = self._generate(prompt, sampling)
+        return 200, vllm_answer(g, v, want_logprobs=sp.get("logprobs") is not None)
+
+    def vllm_pause(self, query):
+        mode = (query.get("mode") or ["abort"])[0]
+        if mode not in ("abort", "wait", "keep"):
+            raise BadRequest(f"mode must be abort, wait or keep, got {mode!r}")
+        self.server.state.pause(mode)
+        return 200, {"status": "paused"}
+
+    def vllm_resume(self, query):
+        self.server.state.resume()
+        return 200, {"status": "resumed"}
+
+    def vllm_collective_rpc(self, query):
+        body = self._body()
+        if body.get("method") != "reload_weights":
+            raise BadRequest(f"unsupported collective_rpc method {body.get('method')!r} "
+                             "(this server implements reload_weights only)")
+        path = (body.get("kwargs") or {}).get("weights_path")
+        if not isinstance(path, str) or not path:
+            raise BadRequest("reload_weights needs kwargs.weights_path")
+        self.server.state.reload(path, None)
+        return 200, {"results": [None]}
+
+    def vllm_update_weight_version(self, query):
+        version = _version_arg(self._body().get("new_version"))
+        if version is None:
+            raise BadRequest("new_version is required")
+        self.server.state.set_version(version)
+        return 200, {"success": True, "new_version": str(version)}
+
+    # --- SGLang -------------------------------------------------------------------------------
+    def sglang_generate(self, query):
+        body = self._body()
+        ids = body.get("input_ids")
+        if isinstance(ids, list) and ids and isinstance(ids[0], list):
+            raise BadRequest("batched input_ids are not supported: send one request per prompt")
+        prompt = _token_ids(ids, "input_ids")
+        sampling = _sampling(body.get("sampling_params") or {}, "max_new_tokens",
+                             "sampling_seed", default_max=128)
+        g, v = self._generate(prompt, sampling)
+        return 200, sglang_answer(g, v, len(prompt), bool(body.get("return_logprob")))
+
+    def sglang_pause(self, query):
+        mode = self._body().get("mode", "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            raise BadRequest(f"mode must be abort, retract or in_place, got {mode!r}")
+        self.server.state.pause(_PAUSE_MODES[mode])
+        return 200, {"message": "Generation paused."}
+
+    def sglang_continue(self, query):
+        self.server.state.resume()
+        return 200, {"message": "Generation continued."}
+
+    def sglang_update_from_disk(self, query):
+        body = self._body()
+        path = body.get("model_path")
+        if not isinstance(path, str) or not path:
+            raise BadRequest("model_path is required")
+        version = _version_arg(body.get("weight_version"))
+        try:
+            new = self.server.state.reload(path, version)
+        except BadRequest:
+            raise
+        except Exception as e:  # noqa: BLE001 - SGLang answers 400 with success=false
+            return 400, {"success": False, "message": f"{type(e).__name__}: {e}",
+                         "num_paused_requests": 0}
+        return 200, {"success": True, "message": f"loaded {path} as version {new}",
+                     "num_paused_requests": 0}
+
+    # --- shared -------------------------------------------------------------------------------
+    def _generate(self, prompt, sampling):
+        try:
+            return self.server.state.generate(prompt, sampling)
+        except _Aborted:
+            return None, self.server.state.weight_version
+
+    def health(self, query):
+        return 200, {}
+
+    def is_paused(self, query):
+        return 200, {"is_paused": self.server.state.paused}
+
+    def weight_info(self, query):
+        return 200, {"weight_version": str(self.server.state.weight_version)}
+
+
+_ROUTES = {
+    ("GET", "/health"): _Handler.health,
+    ("POST", "/inference/v1/generate"): _Handler.vllm_generate,
+    ("POST", "/pause"): _Handler.vllm_pause,
+    ("POST", "/resume"): _Handler.vllm_resume,
+    ("GET", "/is_paused"): _Handler.is_paused,
+    ("POST", "/collective_rpc"): _Handler.vllm_collective_rpc,
+    ("POST", "/update_weight_version"): _Handler.vllm_update_weight_version,
+    ("GET", "/weight_info"): _Handler.weight_info,
+    ("POST", "/generate"): _Handler.sglang_generate,
+    ("POST", "/pause_generation"): _Handler.sglang_pause,
+    ("POST", "/continue_generation"): _Handler.sglang_continue,
+    ("POST", "/update_weights_from_disk"): _Handler.sglang_update_from_disk,
+    ("GET", "/model_info"): _Handler.weight_info,
+}
+
+
+class EngineHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # closing does not wait for handlers still generating
+    request_queue_size = 128
+
+    def __init__(self, address, state: ServedEngine, *, verbose: bool = False):
+        super().__init__(address, _Handler)
+        self.state, self.verbose, self.routes = state, verbose, _ROUTES
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, *,
+                reload: Callable[[str], Engine | None] | None = None,
+                verbose: bool = False) -> EngineHTTPServer:
+    """An HTTP server for ``engine`` (not yet serving: call ``serve_forever()``)."""
+    return EngineHTTPServer((host, port), ServedEngine(engine, reload), verbose=verbose)
+
