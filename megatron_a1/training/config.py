@@ -14,6 +14,7 @@ from typing import Any, Literal
 from megatron_a1.configs import ConfigError
 from megatron_a1.runtime import ParallelConfig, ParallelLayoutError
 from megatron_a1.training.losses import GRPOLossConfig
+from megatron_a1.training.online import RolloutSection
 
 
 @dataclass(kw_only=True)
@@ -156,6 +157,7 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     opd: OPDSection = field(default_factory=OPDSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
 
     def validate(self, world_size: int) -> None:
         """Everything checkable before compute; raises ConfigError with the offending key."""
@@ -175,7 +177,12 @@ class TrainConfig:
         if self.parallel.pipeline_parallel > 1 and t.global_batch_size // (t.micro_batch_size * dp) < self.parallel.pipeline_parallel:
             raise ConfigError("with pipeline parallelism, use at least as many micro-batches per "
                               "step as pipeline stages (raise train.global_batch_size)")
-        if t.stage != "grpo" and not self.data.prefixes:
+        online = bool(self.rollout.tasks)
+        if online:
+            self._validate_rollout()
+        if t.stage == "sft" and online:
+            raise ConfigError("rollout.tasks: online rollouts are for train.stage=grpo or opd")
+        if t.stage != "grpo" and not online and not self.data.prefixes:
             raise ConfigError("data.prefixes: give at least one preprocessed dataset prefix")
         for p in self.data.prefixes:
             if not os.path.exists(p + ".idx"):
@@ -184,8 +191,17 @@ class TrainConfig:
         if self.data.weights is not None and len(self.data.weights) != len(self.data.prefixes):
             raise ConfigError("data.weights: one weight per prefix")
         if t.stage == "opd":
-            if not self.opd.teachers:
-                raise ConfigError("opd.teachers: map each domain to a teacher checkpoint")
+            if not (self.opd.teachers or self.opd.teacher_topk):
+                raise ConfigError("opd.teachers: map each domain to a teacher checkpoint (or to a "
+                                  "precomputed top-k store in opd.teacher_topk)")
+            both = sorted(set(self.opd.teachers) & set(self.opd.teacher_topk))
+            if both:
+                raise ConfigError(f"opd.teacher_topk: domains {both} are also in opd.teachers; "
+                                  "a domain has one teacher")
+            for domain, path in self.opd.teacher_topk.items():
+                if not os.path.isfile(os.path.join(path, "manifest.json")):
+                    raise ConfigError(f"opd.teacher_topk.{domain}: {path} is not a top-k store "
+                                      "(run tools/precompute_teacher_topk.py)")
             if self.parallel.pipeline_parallel > 1:
                 raise ConfigError("train.stage=opd does not support pipeline parallelism yet "
                                   "(teachers and the fused SVA head need the last stage's "
@@ -203,9 +219,12 @@ class TrainConfig:
 
     def _validate_grpo(self) -> None:
         g = self.grpo
-        if not g.rollouts:
-            raise ConfigError("grpo.rollouts: give the rollout-group JSONL to train on")
-        if not os.path.isfile(g.rollouts):
+        if not g.rollouts and not self.rollout.tasks:
+            raise ConfigError("grpo.rollouts: give the rollout-group JSONL to train on, or "
+                              "rollout.tasks to generate rollouts online")
+        if g.rollouts and self.rollout.tasks:
+            raise ConfigError("grpo.rollouts and rollout.tasks: choose offline or online rollouts")
+        if g.rollouts and not os.path.isfile(g.rollouts):
             raise ConfigError(f"grpo.rollouts: {g.rollouts} not found")
         if self.parallel.pipeline_parallel > 1:
             raise ConfigError("train.stage=grpo does not support pipeline parallelism yet "
@@ -220,6 +239,26 @@ class TrainConfig:
                               "model.init_from (or grpo.kl_coef=0)")
         if g.reference and not os.path.isdir(g.reference):
             raise ConfigError(f"grpo.reference: {g.reference} is not a checkpoint directory")
+
+    def _validate_rollout(self) -> None:
+        r, p = self.rollout, self.parallel
+        if r.engine == "embedded" and max(p.tensor_parallel, p.pipeline_parallel,
+                                          p.expert_parallel, p.context_parallel) > 1:
+            raise ConfigError("rollout.engine=embedded samples from each rank's whole model: use "
+                              "tensor/pipeline/expert/context parallel 1 (data parallel is fine), "
+                              "or serve the policy with rollout.engine=vllm|sglang")
+        if r.engine != "embedded" and not r.url:
+            raise ConfigError(f"rollout.url: rollout.engine={r.engine} needs the server URL")
+        for domain, path in r.tasks.items():
+            if path != "bundled" and not os.path.isfile(path):
+                raise ConfigError(f"rollout.tasks.{domain}: {path} not found (or use 'bundled')")
+        if r.samples_per_prompt < 1:
+            raise ConfigError("rollout.samples_per_prompt must be >= 1")
+        if self.train.stage == "opd":
+            missing = set(r.tasks) - set(self.opd.teachers) - set(self.opd.teacher_topk)
+            if missing:
+                raise ConfigError(f"rollout.tasks: domains {sorted(missing)} have no teacher in "
+                                  "opd.teachers")
 
 
 def _cuda() -> bool:

@@ -160,7 +160,7 @@ class OPDStage:
 
     @staticmethod
     def _group(by_domain: dict) -> list[tuple[object, set[str]]]:
-        """Distinct teachers (models or stores) with the domains routed to each, in a fixed order."""
+        """Distinct teachers (models or stores) with the domains routed to each, in fixed order."""
         groups: dict[int, tuple[object, set[str]]] = {}
         for d in sorted(by_domain):
             m = by_domain[d]

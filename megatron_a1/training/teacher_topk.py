@@ -13,7 +13,7 @@ blending or shuffling. Layout of ``STORE/``::
                          each dataset prefix with its document count and content fingerprint
     shard_00000/         one per data-parallel rank of the precompute run
         docs.npy         [n, 4] int64: (dataset entry, document index, first row, end row)
-        ids.bin          [R, k] int32   top-k token ids, by descending teacher logit (ties: lower id)
+        ids.bin          [R, k] int32   top-k token ids, descending teacher logit (ties: lower id)
         logits.bin       [R, k] float32 the teacher's logits at those ids
         positions.bin    [R]    int32   position in the document of each row
 
@@ -314,7 +314,8 @@ def precompute(cfg, teacher: str, domains: list[str], output: str, *, topk: int 
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "teacher": os.path.abspath(teacher),
             "model": {"preset": cfg.model.preset, "overrides": cfg.model.overrides},
-            "k": k, "vocab_size": vocab_size, "padded_vocab_size": weight.shape[0] * p.tensor_parallel,
+            "k": k, "vocab_size": vocab_size,
+            "padded_vocab_size": weight.shape[0] * p.tensor_parallel,
             "domains": sorted(domains), "max_seq_len": cfg.data.max_seq_len,
             "datasets": [{"prefix": os.path.abspath(prefix), "documents": len(s),
                           "served_documents": sum(1 for it in items if it[0] == j),
