@@ -5,8 +5,12 @@
 #   2. stage 1 - SFT the tiny Agents-A1 hybrid MoE (GDN + gated attention + MoE, 8 experts top-2)
 #      on 2 gloo ranks with expert parallelism 2 (alltoall dispatcher, distributed optimizer,
 #      dist_checkpointing): the loss visibly falls;
-#   3. stage 2 - two domain teachers, each SFT'd briefly from the student on its domains;
-#   4. stage 3 - on-policy distillation: each rollout scored by its domain's teacher, SVA loss;
+#   3. stage 2 - two domain teachers, each SFT'd briefly from the student on its domains, and a
+#      GRPO teacher trained online: the embedded engine samples groups on a verifiable
+#      instruction task on 2 data-parallel ranks, the environment rewards them, dynamic sampling
+#      drops all-equal groups: the mean reward visibly rises;
+#   4. stage 3 - on-policy distillation: each rollout scored by its domain's teacher, SVA loss,
+#      first on the bundled student rollouts, then on rollouts the student samples online;
 #   5. print where checkpoints, metrics and TensorBoard logs went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +32,16 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 first, last = rows[0]["loss"], rows[-1]["loss"]
 print(f"   {sys.argv[2]}: loss {first:.4f} -> {last:.4f} over {len(rows)} steps")
 sys.exit(0 if last < first else f"{sys.argv[2]}: the loss did not fall")
+PY
+}
+reward_rose() {  # reward_rose METRICS.jsonl LABEL: mean reward of the last 3 steps > first 2
+    "$PY" - "$1" "$2" <<'PY'
+import json, sys
+rows = [json.loads(l)["rollout/all/reward"] for l in open(sys.argv[1])]
+first, last = sum(rows[:2]) / 2, sum(rows[-3:]) / 3
+print(f"   {sys.argv[2]}: mean reward {first:.3f} (first 2 steps) -> {last:.3f} (last 3 steps); "
+      "per step " + " ".join(f"{r:.2f}" for r in rows))
+sys.exit(0 if last > first else f"{sys.argv[2]}: the reward did not rise")
 PY
 }
 
@@ -63,12 +77,20 @@ for teacher in research agentic; do
     loss_fell "$OUT/teacher_$teacher/metrics.jsonl" "$teacher teacher"
 done
 
+train "3/4 stage 2: GRPO teacher, online rollouts (embedded engine, 2 DP ranks)" \
+    examples/configs/grpo_tiny_cpu.yaml
+reward_rose "$OUT/grpo/metrics.jsonl" "GRPO"
+
 train "4/4 stage 3: on-policy distillation (SVA) from the domain teachers" \
     examples/configs/opd_tiny_cpu.yaml
 loss_fell "$OUT/opd/metrics.jsonl" "OPD (SVA)"
 
+train "4/4 stage 3: on-policy distillation on the student's own online rollouts" \
+    examples/configs/opd_online_tiny_cpu.yaml
+loss_fell "$OUT/opd_online/metrics.jsonl" "online OPD (SVA)"
+
 echo
-for run in sft teacher_research teacher_agentic opd; do
+for run in sft teacher_research teacher_agentic grpo opd opd_online; do
     echo "$run: checkpoints $OUT/$run/checkpoints ($(cat "$OUT/$run/checkpoints/latest")), metrics $OUT/$run/metrics.jsonl"
 done
 echo "tensorboard --logdir $OUT"

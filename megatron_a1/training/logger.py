@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from megatron_a1.training.metrics import flop_model, memory_gib
+from megatron_a1.training.metrics import MoELoadTracker, flop_model, memory_gib
 
 log = logging.getLogger("megatron_a1.train")
 
@@ -30,6 +30,7 @@ class MetricsLogger:
         self.is_main = rt.rank == rt.world_size - 1  # the last rank holds the last PP stage
         self.flops = flop_model(model_chunks, info.transformer_config, pattern=info.pattern,
                                 num_experts=info.num_experts, top_k=info.top_k)
+        self.moe = MoELoadTracker(model_chunks)
         self.t0, self.tokens_seen = time.perf_counter(), 0
         self.last_loss, self.history = float("nan"), []
         self.tb = self.jsonl = None
@@ -52,7 +53,7 @@ class MetricsLogger:
         if self.is_main:
             print(msg, flush=True)
 
-    def step(self, state, result, micro_batches, elapsed, lr, total_steps, stage) -> None:
+    def step(self, state, result, micro_batches, elapsed, lr, total_steps, extra: dict) -> None:
         # real tokens of this rank's micro-batches, times the data-parallel size
         tokens = sum(int(b["cu_seqlens"][-1]) - int(b.get("num_padding", 0)) for b in micro_batches)
         doc_lengths = [int(x) for b in micro_batches for x in torch.diff(b["cu_seqlens"])]
@@ -66,10 +67,13 @@ class MetricsLogger:
             "step": state.iteration, "loss": result.loss, "grad_norm": result.grad_norm,
             "lr": lr, "tokens_per_s": step_tokens / elapsed,
             "tflops_per_gpu": tflops, "skipped": result.skipped,
-            "consumed_samples": state.consumed_samples, **stage.metrics,
+            "consumed_samples": state.consumed_samples, **extra,
         }
         mem, what = memory_gib()
         metrics["memory_gib"] = mem
+        imbalance = self.moe.imbalance()  # a collective: before the non-main ranks return
+        if imbalance is not None:
+            metrics["moe_imbalance"] = imbalance
         if not self.is_main:
             return
         if self.tb:
@@ -88,7 +92,10 @@ class MetricsLogger:
             print(f"step {done}/{total_steps} | loss {result.loss:.4f} | grad "
                   f"{result.grad_norm:.3f} | lr {metrics['lr']:.2e} | "
                   f"{metrics['tokens_per_s']:,.0f} tok/s | {tflops:.3f} TFLOP/s/GPU | "
-                  f"mem {mem:.1f} GiB ({what}) | eta {eta}"
+                  f"mem {mem:.1f} GiB ({what}) | "
+                  + (f"moe-imbalance {imbalance:.2f} | " if imbalance is not None else "")
+                  + _reward(metrics)
+                  + f"eta {eta}"
                   + (" | SKIPPED (non-finite)" if result.skipped else ""), flush=True)
 
     def close(self) -> None:
@@ -96,3 +103,11 @@ class MetricsLogger:
             self.tb.close()
         if self.jsonl:
             self.jsonl.close()
+
+
+def _reward(metrics: dict) -> str:
+    """Mean reward for the console: every episode of an online step, else the trained ones."""
+    for key in ("rollout/all/reward", "reward/mean"):
+        if key in metrics:
+            return f"reward {metrics[key]:.3f} | "
+    return ""

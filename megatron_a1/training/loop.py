@@ -88,7 +88,7 @@ def run(cfg: TrainConfig) -> dict:
     model, info = build_model_chunks(cfg, rt)
     ddp, optimizer = setup_ddp_and_optimizer(model, _optimizer_config(cfg))
 
-    source = make_source(cfg, rt)
+    source = make_source(cfg, rt, ddp)
     total_steps = source.total_steps
     scheduler = _scheduler(cfg, optimizer, total_steps)
 
@@ -137,7 +137,7 @@ def run(cfg: TrainConfig) -> dict:
             scheduler.step(1)
         state.iteration += 1
         stage.finish(step)
-        logger.step(state, result, micro, elapsed, lr, total_steps, stage)
+        logger.step(state, result, micro, elapsed, lr, total_steps, {**stage.metrics, **step.info})
 
         preempted = preempt.any_rank()
         exiting = preempted or bool(t.exit_interval and state.iteration % t.exit_interval == 0)

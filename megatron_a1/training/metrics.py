@@ -91,3 +91,59 @@ def memory_gib() -> tuple[float, str]:
     import psutil
 
     return psutil.Process(os.getpid()).memory_info().rss / 2**30, "rss"
+
+
+class MoELoadTracker:
+    """Expert load balance: tokens routed to each expert, per MoE layer, over a logging window.
+
+    A forward hook on every megatron-core ``TopKRouter`` adds up its routing map ([tokens,
+    experts] bool). ``imbalance()`` is the mean over layers of ``max_e load / mean_e load``
+    (1.0 = perfectly balanced; ``num_experts`` = every token to one expert), loads summed over
+    the data-parallel group (it spans the expert-parallel ranks, so every token of this pipeline
+    stage's layers counts once). With pipeline parallelism the logging rank reports its own
+    (the last) stage's layers.
+    """
+
+    def __init__(self, model_chunks: list):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.counts: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for chunk in model_chunks:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    self.handles.append(module.register_forward_hook(self._hook))
+
+    def _hook(self, module, inputs, output) -> None:
+        if not module.training:
+            return  # teachers/reference/rollout forwards are not the step's routing
+        routing_map = output[1].detach()
+        load = routing_map.reshape(-1, routing_map.shape[-1]).sum(0).double().cpu()
+        key = id(module)
+        self.counts[key] = self.counts.get(key, 0) + load
+
+    def imbalance(self) -> float | None:
+        """The window's imbalance (collective over the data-parallel group)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group()
+
+        if not self.handles:
+            return None
+        n = len(self.handles)
+        # every rank has the same layers; stack in registration order for one all-reduce
+        loads = torch.stack([c for c in self.counts.values()]) if self.counts else None
+        size = torch.tensor([0 if loads is None else loads.shape[1]], dtype=torch.long)
+        dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
+        if loads is None or loads.shape[0] != n:
+            loads = torch.zeros(n, int(size), dtype=torch.float64)
+        if torch.cuda.is_available():
+            loads = loads.cuda()
+        dist.all_reduce(loads, group=group)
+        self.counts.clear()
+        mean = loads.mean(1)
+        ok = mean > 0
+        if not ok.any():
+            return None
+        return float((loads.max(1).values[ok] / mean[ok]).mean())

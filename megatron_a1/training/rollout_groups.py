@@ -215,20 +215,29 @@ class RolloutGroupSource:
         return self.pack(chosen, read), cursor + read
 
     def pack(self, groups: list[list[RolloutSample]], groups_read: int) -> StepRollouts:
-        samples, truncated = [], 0
-        for g in groups:
-            for s in g:
-                if len(s.tokens) > self.max_seq_len:  # keep the head; the tail is not trained
-                    s = RolloutSample(**{**s.__dict__, "tokens": s.tokens[:self.max_seq_len],
-                                         "mask": s.mask[:self.max_seq_len],
-                                         "logprobs": None if s.logprobs is None
-                                         else s.logprobs[:self.max_seq_len]})
-                    truncated += 1
-                samples.append(s)
-        bins = pack_first_fit([len(s.tokens) for s in samples], self.max_seq_len)
-        per_rank = math.ceil(len(bins) / self.dp_size)
-        bins += [[] for _ in range(per_rank * self.dp_size - len(bins))]
-        mine = bins[self.dp_rank::self.dp_size]
-        micro = [make_micro_batch([samples[i] for i in b], self.pad) for b in mine]
-        return StepRollouts(micro_batches=micro, samples=samples, groups_read=groups_read,
-                            groups_kept=len(groups), truncated=truncated)
+        return pack_step(groups, groups_read, max_seq_len=self.max_seq_len,
+                         dp_rank=self.dp_rank, dp_size=self.dp_size, pad_to_multiple=self.pad)
+
+
+def pack_step(groups: list[list[RolloutSample]], groups_read: int, *, max_seq_len: int,
+              dp_rank: int, dp_size: int, pad_to_multiple: int | None = None) -> StepRollouts:
+    """Pack a step's groups first-fit decreasing into ``max_seq_len`` packs (a longer sample
+    keeps its head and counts as truncated), padded with empty packs to a multiple of the DP
+    size; rank ``r`` takes packs ``r, r + dp, ...``."""
+    samples, truncated = [], 0
+    for g in groups:
+        for s in g:
+            if len(s.tokens) > max_seq_len:  # keep the head; the tail is not trained
+                s = RolloutSample(**{**s.__dict__, "tokens": s.tokens[:max_seq_len],
+                                     "mask": s.mask[:max_seq_len],
+                                     "logprobs": None if s.logprobs is None
+                                     else s.logprobs[:max_seq_len]})
+                truncated += 1
+            samples.append(s)
+    bins = pack_first_fit([len(s.tokens) for s in samples], max_seq_len)
+    per_rank = math.ceil(len(bins) / dp_size)
+    bins += [[] for _ in range(per_rank * dp_size - len(bins))]
+    micro = [make_micro_batch([samples[i] for i in b], pad_to_multiple)
+             for b in bins[dp_rank::dp_size]]
+    return StepRollouts(micro_batches=micro, samples=samples, groups_read=groups_read,
+                        groups_kept=len(groups), truncated=truncated)

@@ -5,6 +5,7 @@ and returns this rank's micro-batches for one step (advancing the state's data p
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from megatron_a1.data.dataset import (
     build_dataloader,
     build_packed_dataset,
 )
+
+log = logging.getLogger("megatron_a1.train")
 
 
 @dataclass
@@ -85,7 +88,9 @@ class RolloutSource:
         t = cfg.train
         self.total_steps = (t.train_steps if t.train_steps is not None
                             else max(1, math.floor(self.groups.steps_per_epoch() * t.epochs)))
-        self.skipped_records = self.groups.errors
+        if self.groups.errors:
+            log.warning("%s: %d bad rollout record(s) skipped, e.g. %s", g.rollouts,
+                        len(self.groups.errors), "; ".join(self.groups.errors[:3]))
 
     def start(self, state) -> None:
         state.data.setdefault("group_cursor", 0)
@@ -96,5 +101,10 @@ class RolloutSource:
         return StepData(rollouts.micro_batches, rollouts)
 
 
-def make_source(cfg, rt):
+def make_source(cfg, rt, model: list):
+    """Online rollouts when ``rollout.tasks`` is set, else the stage's offline inputs."""
+    if cfg.rollout.tasks:
+        from megatron_a1.training.online import OnlineRolloutSource
+
+        return OnlineRolloutSource(cfg, rt, model[0])
     return RolloutSource(cfg, rt) if cfg.train.stage == "grpo" else PackedSource(cfg, rt)
