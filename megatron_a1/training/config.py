@@ -249,6 +249,11 @@ class TrainConfig:
                               "or serve the policy with rollout.engine=vllm|sglang")
         if r.engine != "embedded" and not r.url:
             raise ConfigError(f"rollout.url: rollout.engine={r.engine} needs the server URL")
+        if r.engine != "embedded" and not self.checkpoint.dir:
+            raise ConfigError(f"checkpoint.dir: rollout.engine={r.engine} syncs weights through "
+                              "checkpoints (and their HF export); set checkpoint.dir")
+        if r.sync_interval < 1:
+            raise ConfigError("rollout.sync_interval must be >= 1")
         for domain, path in r.tasks.items():
             if path != "bundled" and not os.path.isfile(path):
                 raise ConfigError(f"rollout.tasks.{domain}: {path} not found (or use 'bundled')")

@@ -144,6 +144,10 @@ def run(cfg: TrainConfig) -> dict:
         due = cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0
         if cfg.checkpoint.dir and (due or exiting):
             saved_at = save()
+        if source.wants_weights(state) and not exiting:  # a server samples the next step
+            if saved_at != state.iteration:
+                saved_at = save()
+            source.push_weights(ckpt.latest_checkpoint(cfg.checkpoint.dir), state)
         if exiting:
             logger.info(("SIGTERM received" if preempted else "train.exit_interval reached")
                         + ": checkpoint written, exiting")

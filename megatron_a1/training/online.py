@@ -13,7 +13,8 @@ micro-batches (:mod:`megatron_a1.training.rollout_groups`).
 * OPD: ``train.global_batch_size`` prompts per step, each sample routed to its domain's teacher.
 
 Generation is synchronous: the rollouts of step N are sampled by the weights after step N-1
-(staleness 0). Data-parallel ranks generate disjoint slices of the prompts and exchange records,
+(staleness 0; with ``rollout.sync_interval`` N > 1 on a server, at most N-1 steps stale — each
+record carries the ``weight_version`` that sampled it). Data-parallel ranks generate disjoint slices of the prompts and exchange records,
 so every rank sees the same step. With the embedded engine each rank samples from its own copy
 of the live policy (model-parallel size 1).
 """
@@ -22,6 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -61,6 +65,13 @@ class RolloutSection:
     """GRPO: extra rounds of prompts when dynamic sampling dropped groups."""
     output: str | None = None
     """Append every rollout record here (JSONL, rank 0)."""
+    sync_interval: int = 1
+    """vllm/sglang: push the policy's weights to the server every N steps (the disk path: a
+    checkpoint, its HF export, the server's reload endpoint). The embedded engine always samples
+    with the live weights."""
+    export_dir: str | None = None
+    """Where the HF export for the server goes (default: ``<checkpoint.dir>/hf_export``); must
+    be readable by the server."""
 
 
 def _load_tasks(tasks: dict[str, str]) -> list[tuple[str, dict]]:
@@ -123,7 +134,8 @@ class OnlineRolloutSource:
     def next_step(self, state):
         from megatron_a1.training.sources import StepData
 
-        self.engine.update_weights(state.iteration)  # the weights after the last step
+        if self.r.engine == "embedded":
+            self.engine.update_weights(state.iteration)  # the live weights after the last step
         start, kept, read, rounds, records = time.perf_counter(), [], [], 0, []
         samples_per_prompt = self.r.samples_per_prompt
         while len(kept) < self.prompts and rounds <= (self.r.max_refill_rounds if self.grpo else 0):
@@ -151,6 +163,23 @@ class OnlineRolloutSource:
         self._write(records, state)
         self._log_stats(records, time.perf_counter() - start)
         return StepData(rollouts.micro_batches, rollouts, info=self.stats)
+
+    def wants_weights(self, state) -> bool:
+        """True when the server must get the weights of this iteration before the next step."""
+        return self.r.engine != "embedded" and state.iteration % self.r.sync_interval == 0
+
+    def push_weights(self, checkpoint: str, state) -> None:
+        """Rank 0 exports ``checkpoint`` to HF and has the server reload it; the others wait."""
+        if torch.distributed.get_rank() == 0:
+            from megatron_a1.rollout.weight_sync import weight_sync_for
+            from megatron_a1.training.model_setup import resolve_model_config
+
+            out = self.r.export_dir or os.path.join(self.cfg.checkpoint.dir, "hf_export")
+            export_hf(checkpoint, out, resolve_model_config(self.cfg.model).to_hf_config_dict())
+            weight_sync_for(self.engine).update_from_disk(os.path.abspath(out),
+                                                          version=state.iteration)
+            log.info("weights of step %d pushed to %s", state.iteration, self.r.url)
+        torch.distributed.barrier()
 
     def _generate(self, state, n_prompts: int, samples: int) -> list[list[dict]]:
         """``n_prompts`` groups from the cursor on; this DP rank runs its slice, all exchange."""
@@ -199,6 +228,30 @@ class OnlineRolloutSource:
                                f"rollout/{d}/malformed_calls": s["malformed_calls"],
                                f"rollout/{d}/retokenization_mismatch":
                                    s["retokenization_mismatch"]})
+
+
+def export_hf(checkpoint: str, out_dir: str, hf_config: dict) -> None:
+    """HF safetensors of a dist_checkpointing checkpoint in ``out_dir``, replaced atomically.
+
+    The converter streams one tensor at a time in a process of its own (it runs outside any
+    process group), so a multi-rank job calls this on one rank.
+    """
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
+    code = ("import json, sys; from megatron_a1.model.convert import megatron_to_hf; "
+            "megatron_to_hf(sys.argv[1], sys.argv[2], hf_config=json.loads(sys.argv[3]), "
+            "log=lambda *a, **k: None)")
+    subprocess.run([sys.executable, "-c", code, checkpoint, tmp, json.dumps(hf_config)],
+                   check=True, env=env)
+    old = out_dir + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pad(rt) -> int | None:

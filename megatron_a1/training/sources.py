@@ -36,7 +36,14 @@ def _pad_multiple(rt) -> int | None:
     return pad if pad > 1 else None
 
 
-class PackedSource:
+class _Offline:
+    """Offline inputs: no generation engine to keep in sync with the policy."""
+
+    def wants_weights(self, state) -> bool:
+        return False
+
+
+class PackedSource(_Offline):
     """Packed indexed datasets; the resume point is ``state.consumed_samples``."""
 
     def __init__(self, cfg, rt):
@@ -67,7 +74,7 @@ class PackedSource:
         return StepData(micro)
 
 
-class RolloutSource:
+class RolloutSource(_Offline):
     """GRPO rollout groups from a JSONL file; the resume point is ``state.data["group_cursor"]``."""
 
     def __init__(self, cfg, rt):
