@@ -76,3 +76,39 @@ def test_online_config_errors(tmp_path):
     cfg = load_config(TrainConfig, None, over + ["train.stage=opd", "opd.teachers={tool: x}"])
     with pytest.raises(ConfigError, match="no teacher"):
         cfg.validate(1)
+
+
+def test_online_grpo_from_a_vllm_protocol_server_syncs_weights(init, tmp_path):
+    """The policy is served by tools/serve_embedded.py (vLLM's token-in/token-out protocol);
+    after every step the trainer exports its weights to HF and the server reloads them: the
+    server's version follows the steps and the next step's rollouts carry it."""
+    import re
+    import subprocess
+    import sys
+
+    from megatron_a1.model.config import preset
+    from megatron_a1.training import checkpoint as ckpt
+    from megatron_a1.training.online import export_hf
+
+    hf = str(tmp_path / "hf_init")
+    config = preset("tiny_test").replace(vocab_size=248320, router_aux_loss_coef=0.0)
+    export_hf(ckpt.latest_checkpoint(init), hf, config.to_hf_config_dict())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    server = subprocess.Popen([sys.executable, os.path.join(root, "tools", "serve_embedded.py"),
+                               "--checkpoint", hf, "--port", "0", "--seed", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = server.stdout.readline()
+        url = re.search(r"(http://\S+)", line).group(1)
+        run_multirank(train_body, 1, args=(online_overrides(
+            tmp_path, init, extra=["rollout.engine=vllm", f"rollout.url={url}"]),))
+        records = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
+        assert {r["step"]: r["weight_version"]["min"] for r in records} == {1: 0, 2: 1}
+        assert os.path.isfile(tmp_path / "ck" / "hf_export" / "config.json")
+        import urllib.request
+
+        info = json.loads(urllib.request.urlopen(url + "/weight_info", timeout=30).read())
+        assert info.get("weight_version") in (2, "2"), info
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -462,7 +462,8 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: dict | None = None
 
     rt = _ensure_single_process()
     meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
-    _check({k: tuple(v.global_shape) for k, v in meta.items()},
+    # a training checkpoint also holds the distributed optimizer's state: not model weights
+    _check({k: tuple(v.global_shape) for k, v in meta.items() if not k.startswith("optimizer.")},
            {r.key: r.shape for r in table.rules}, f"checkpoint {ckpt_dir}")
 
     writer = HFWriter(out_dir, max_shard_bytes)
