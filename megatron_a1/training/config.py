@@ -73,7 +73,8 @@ class TrainSection:
     stage: Literal["sft", "opd", "grpo"] = "sft"
     """Which stage's loss and inputs (DESIGN.md §1)."""
     global_batch_size: int = 16
-    """Packed sequences per optimizer step (across DP ranks and micro-batches)."""
+    """Packed sequences per optimizer step (across DP ranks and micro-batches); with online OPD
+    rollouts, prompts per step (GRPO: ``grpo.prompts_per_step``)."""
     micro_batch_size: int = 1
     """Packed sequences per forward pass on one rank."""
     train_steps: int | None = None
@@ -169,12 +170,15 @@ class TrainConfig:
         t = self.train
         if t.micro_batch_size < 1 or t.global_batch_size < 1:
             raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
-        if t.global_batch_size % (t.micro_batch_size * dp):
+        # rollout inputs (GRPO, online OPD) are packed per step and split over DP by the source;
+        # the batch arithmetic below is about packed datasets
+        packed = t.stage != "grpo" and not self.rollout.tasks
+        if packed and t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError(
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
             )
-        if self.parallel.pipeline_parallel > 1 and t.global_batch_size // (t.micro_batch_size * dp) < self.parallel.pipeline_parallel:
+        if packed and self.parallel.pipeline_parallel > 1 and t.global_batch_size // (t.micro_batch_size * dp) < self.parallel.pipeline_parallel:
             raise ConfigError("with pipeline parallelism, use at least as many micro-batches per "
                               "step as pipeline stages (raise train.global_batch_size)")
         online = bool(self.rollout.tasks)
