@@ -152,16 +152,16 @@ class OnlineRolloutSource:
                     if self.dynamic_sampling and not any(s.advantage for s in group):
                         continue
                 kept.append(group)
-        if not kept:
+        if not kept and self.dp_rank == 0:
             log.warning("step %d: no rollout group with distinct rewards after %d rounds; "
                         "training on the unfiltered groups", state.iteration + 1, rounds)
-            kept = read
+        kept = kept or read
         rollouts = pack_step(kept[:self.prompts], len(read), max_seq_len=self.max_seq_len,
                              dp_rank=self.dp_rank, dp_size=self.dp_size,
                              pad_to_multiple=self.pad)
         state.consumed_samples += len(rollouts.samples)
         self._write(records, state)
-        self._log_stats(records, time.perf_counter() - start)
+        self._log_stats(records, time.perf_counter() - start, state.iteration)
         return StepData(rollouts.micro_batches, rollouts, info=self.stats)
 
     def wants_weights(self, state) -> bool:
@@ -212,12 +212,16 @@ class OnlineRolloutSource:
             for rec in records:
                 f.write(json.dumps({**rec, "step": state.iteration + 1}) + "\n")
 
-    def _log_stats(self, records: list[dict], seconds: float) -> None:
+    def _log_stats(self, records: list[dict], seconds: float, iteration: int) -> None:
         from megatron_a1.rollout.agent import RolloutStats
 
         # every episode of the step (dropped groups included), so the reward curve is unbiased
         summary = RolloutStats.from_records(records, seconds).as_dict()
+        versions = [(r.get("weight_version") or {}).get("min") for r in records]
+        versions = [v for v in versions if v is not None]
         self.stats = {"rollout/seconds": seconds,
+                      # steps between the weights that sampled a token and the ones it trains
+                      "rollout/staleness": iteration - min(versions) if versions else 0,
                       "rollout/gen_tokens_per_s": summary["all"]["tokens_per_s"] or 0.0}
         for d, s in summary.items():
             self.stats.update({f"rollout/{d}/reward": s["mean_outcome"],
