@@ -42,6 +42,13 @@ def test_opd_loss_falls_and_layouts_agree(setup, tmp_path):
     [one] = run_multirank(train_body, 1, args=(opd_overrides(data, str(tmp_path / "a"), init,
                                                                teachers),))
     assert one["losses"][0] > 1e-3 and one["losses"][-1] < one["losses"][0], one["losses"]
+    # the logged per-domain losses average (over the domains present) to the step's loss
+    import json
+
+    for row in map(json.loads, open(tmp_path / "a" / "metrics.jsonl")):
+        per_domain = [v for k, v in row.items() if k.startswith("loss/")]
+        assert len(per_domain) == 2
+        assert sum(per_domain) / 2 == pytest.approx(row["loss"], rel=1e-5)
     two = run_multirank(train_body, 2, args=(opd_overrides(data, str(tmp_path / "b"), init,
                                                              teachers) +
                                                ["parallel.expert_parallel=2"],))

@@ -126,9 +126,17 @@ class OPDStage:
                     w[s:e] = mask[s:e] / (present * counts[self.domains.index(d)] * n_resp)
             b["sva_weight"], b["sva_scale"] = w, scale
         self.metrics = {f"samples/{d}": float(c) for d, c in zip(self.domains, counts)}
+        self._present = present
+        self._domain_loss = torch.zeros(len(self.domains), dtype=torch.float64)
 
     def finish(self, step) -> None:
-        """Nothing after the step: the per-domain sample counts are set in ``prepare``."""
+        """Per-domain loss of the step: D · Σ_{t in d} w_t ℓ_t = mean over d's samples of their
+        mean token loss (the step's loss is the mean of these over the domains present)."""
+        sums = self._domain_loss.clone()
+        torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        for i, d in enumerate(self.domains):
+            if self.metrics[f"samples/{d}"]:
+                self.metrics[f"loss/{d}"] = float(sums[i]) * self._present
 
     @staticmethod
     def _response_counts(batch: dict) -> list[int]:
@@ -153,10 +161,19 @@ class OPDStage:
         for store, domains in self.store_groups:
             token_loss = token_loss + self._sva_from_store(student, w_s, store, batch, domains)
         weight = batch["sva_weight"]
-        loss_sum = (token_loss * weight).sum() * batch["sva_scale"]
+        weighted = token_loss * weight
+        loss_sum = weighted.sum() * batch["sva_scale"]
+        self._log_domain_loss(weighted.detach(), batch)
         one = torch.ones((), dtype=torch.int)
         return loss_sum, lambda out: (out, one, {"loss": torch.stack([out.detach(),
                                                                       one.float()])})
+
+    def _log_domain_loss(self, weighted: torch.Tensor, batch: dict) -> None:
+        cu = batch["cu_seqlens"]
+        for i, d in enumerate(batch["domains"]):
+            if d in self.domains:
+                self._domain_loss[self.domains.index(d)] += float(
+                    weighted[int(cu[i]):int(cu[i + 1])].sum())
 
     @staticmethod
     def _group(by_domain: dict) -> list[tuple[object, set[str]]]:
