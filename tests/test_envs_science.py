@@ -28,7 +28,7 @@ def test_python_tool_timeout_is_an_observation():
     from megatron_a1.envs.science import ScienceConfig, ScienceEnv
     from megatron_a1.envs.sandbox import Limits
 
-    e = ScienceEnv(ScienceConfig(sandbox=Limits(timeout_s=1)))
+    e = ScienceEnv(ScienceConfig(sandbox=Limits(timeout_s=3)))
     e.reset(bundled_tasks("science")[0])
     out = e.step(call("print('started', flush=True)\nwhile True: pass"))
     assert out.startswith("started\n")
@@ -78,3 +78,14 @@ def test_reward_on_bundled_tasks(env):
     env.reset(tasks["science-2"])
     assert env.reward("\\boxed{B}", [])["outcome"] == 1.0
     assert env.reward("\\boxed{C}", [])["outcome"] == 0.0
+
+
+def test_a_check_sympy_cannot_finish_is_a_wrong_answer_not_a_hang():
+    """Model answers are arbitrary text; sympy may never finish some of them (this tower was a
+    real rollout hang). The check runs in the sandbox and gives up after its time limit."""
+    import time
+
+    start = time.perf_counter()
+    assert check_answer("10**10**10**10", "x", "symbolic", time_limit_s=2.0) is False
+    assert check_answer("9**9**9**9", "1", "numeric", time_limit_s=2.0) is False
+    assert time.perf_counter() - start < 20

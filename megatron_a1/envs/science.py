@@ -27,6 +27,8 @@ class ScienceConfig:
     """Characters of stdout/stderr shown to the model."""
     rel_tol: float = 1e-4
     abs_tol: float = 1e-8
+    check_timeout_s: float = 20.0
+    """Time limit of an answer check that needs sympy (it runs in the sandbox)."""
 
 
 def _last_boxed(text: str) -> str | None:
@@ -80,9 +82,39 @@ def _number(s: str) -> float | None:
         return None
 
 
+def _plain_float(s: str) -> float | None:
+    try:
+        return float(str(s).strip().replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
 def check_answer(pred: str, gold, answer_type: str, rel_tol: float = 1e-4,
-                 abs_tol: float = 1e-8) -> bool:
-    """Whether ``pred`` (already extracted) matches ``gold``."""
+                 abs_tol: float = 1e-8, time_limit_s: float = 20.0) -> bool:
+    """Whether ``pred`` (already extracted) matches ``gold``.
+
+    Choices and plain numbers are checked here; anything that needs sympy runs in the sandbox
+    with ``time_limit_s``: a model's answer is arbitrary text, and sympy can spend hours on
+    some of it (``simplify`` of a long garbage product, ``10**10**10``). A check that does not
+    finish in time is a wrong answer, and the rollout goes on.
+    """
+    if answer_type == "choice":
+        return _check(pred, gold, answer_type, rel_tol, abs_tol)
+    if answer_type == "numeric":
+        p, g = _plain_float(pred), _plain_float(gold)
+        if p is not None and g is not None:
+            return math.isclose(p, g, rel_tol=rel_tol, abs_tol=abs_tol)
+    elif answer_type != "symbolic":
+        raise ValueError(f"unknown answer_type {answer_type!r}")
+    code = ("from megatron_a1.envs.science import _check\n"
+            f"print(int(_check({str(pred)!r}, {str(gold)!r}, {answer_type!r}, {rel_tol!r}, "
+            f"{abs_tol!r})))\n")
+    result = run_code(code, Limits(timeout_s=time_limit_s, memory_mb=2048))
+    return result.reason == "ok" and result.stdout.strip() == "1"
+
+
+def _check(pred: str, gold, answer_type: str, rel_tol: float, abs_tol: float) -> bool:
+    """The answer check itself, unbounded (:func:`check_answer` bounds it)."""
     if answer_type == "numeric":
         p, g = _number(pred), _number(str(gold))
         return p is not None and g is not None and math.isclose(p, g, rel_tol=rel_tol,
@@ -136,7 +168,8 @@ class ScienceEnv(Environment):
         cfg = self.config
         pred = extract_final_answer(final_text(final_message))
         kind = self.task.get("answer_type", "numeric")
-        ok = check_answer(pred, self.task["answer"], kind, cfg.rel_tol, cfg.abs_tol)
+        ok = check_answer(pred, self.task["answer"], kind, cfg.rel_tol, cfg.abs_tol,
+                          cfg.check_timeout_s)
         calls = sum(len(t) for t in tool_calls_in(trajectory))
         return {"outcome": float(ok), "process": None,
                 "components": {"correct": float(ok), "answer": pred, "answer_type": kind,
