@@ -25,12 +25,15 @@ train() {  # train NAME CONFIG [overrides...]: one torchrun job on 2 local gloo 
     "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m megatron_a1.train \
         --config "$config" "$@" 2> >(grep -vE "Warning|warn\(|W[0-9]{4} |cpp_extension" >&2)
 }
-loss_fell() {  # loss_fell METRICS.jsonl LABEL
-    "$PY" - "$1" "$2" <<'PY'
+loss_fell() {  # loss_fell METRICS.jsonl LABEL [N]: mean loss of the last N steps < first N
+    "$PY" - "$1" "$2" "${3:-1}" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-first, last = rows[0]["loss"], rows[-1]["loss"]
-print(f"   {sys.argv[2]}: loss {first:.4f} -> {last:.4f} over {len(rows)} steps")
+n = int(sys.argv[3])
+first = sum(r["loss"] for r in rows[:n]) / n
+last = sum(r["loss"] for r in rows[-n:]) / n
+what = "" if n == 1 else f" (mean of the first/last {n} steps)"
+print(f"   {sys.argv[2]}: loss {first:.4f} -> {last:.4f} over {len(rows)} steps{what}")
 sys.exit(0 if last < first else f"{sys.argv[2]}: the loss did not fall")
 PY
 }
@@ -87,7 +90,8 @@ loss_fell "$OUT/opd/metrics.jsonl" "OPD (SVA)"
 
 train "4/4 stage 3: on-policy distillation on the student's own online rollouts" \
     examples/configs/opd_online_tiny_cpu.yaml
-loss_fell "$OUT/opd_online/metrics.jsonl" "online OPD (SVA)"
+# fresh samples every step: compare the last 3 steps with the first 3 (the same 12 prompts)
+loss_fell "$OUT/opd_online/metrics.jsonl" "online OPD (SVA)" 3
 
 echo
 for run in sft teacher_research teacher_agentic grpo opd opd_online; do
