@@ -34,7 +34,8 @@ from typing import Literal
 import torch
 from megatron.core import parallel_state
 
-from megatron_a1.training.rollout_groups import assign_advantages, pack_step, parse_rollout
+from megatron_a1.training.rollout_groups import (RolloutRecordError, assign_advantages, pack_step,
+                                                 parse_rollout)
 
 log = logging.getLogger("megatron_a1.train")
 
@@ -127,6 +128,7 @@ class OnlineRolloutSource:
             1, int(len(self.tasks) * t.epochs) // self.prompts)
         self.is_writer = torch.distributed.get_rank() == 0 and self.r.output
         self.stats: dict = {}
+        self.skipped = 0
 
     def start(self, state) -> None:
         state.data.setdefault("prompt_cursor", 0)
@@ -144,8 +146,16 @@ class OnlineRolloutSource:
             rounds += 1
             for records_of_group in groups:
                 records += records_of_group
-                group = [parse_rollout(rec, f"step {state.iteration + 1} rollout {rec['id']}")
-                         for rec in records_of_group]
+                group = []
+                for rec in records_of_group:
+                    try:
+                        group.append(parse_rollout(rec, f"step {state.iteration + 1} rollout "
+                                                        f"{rec['id']}"))
+                    except RolloutRecordError as exc:  # e.g. nothing sampled: prompt too long
+                        self.skipped += 1
+                        log.warning("%s (skipped)", exc)
+                if not group:
+                    continue
                 read.append(group)
                 if self.grpo:
                     assign_advantages(group, self.process_weight)
@@ -156,6 +166,9 @@ class OnlineRolloutSource:
             log.warning("step %d: no rollout group with distinct rewards after %d rounds; "
                         "training on the unfiltered groups", state.iteration + 1, rounds)
         kept = kept or read
+        if not kept:
+            raise RuntimeError(f"step {state.iteration + 1}: no rollout sampled any token; "
+                               "check rollout.context_limit against the prompt lengths")
         rollouts = pack_step(kept[:self.prompts], len(read), max_seq_len=self.max_seq_len,
                              dp_rank=self.dp_rank, dp_size=self.dp_size,
                              pad_to_multiple=self.pad)
@@ -222,7 +235,8 @@ class OnlineRolloutSource:
         self.stats = {"rollout/seconds": seconds,
                       # steps between the weights that sampled a token and the ones it trains
                       "rollout/staleness": iteration - min(versions) if versions else 0,
-                      "rollout/gen_tokens_per_s": summary["all"]["tokens_per_s"] or 0.0}
+                      "rollout/gen_tokens_per_s": summary["all"]["tokens_per_s"] or 0.0,
+                      "rollout/skipped_total": self.skipped}
         for d, s in summary.items():
             self.stats.update({f"rollout/{d}/reward": s["mean_outcome"],
                                f"rollout/{d}/episodes": s["episodes"],
