@@ -94,12 +94,18 @@ def test_online_grpo_from_a_vllm_protocol_server_syncs_weights(init, tmp_path):
     config = preset("tiny_test").replace(vocab_size=248320, router_aux_loss_coef=0.0)
     export_hf(ckpt.latest_checkpoint(init), hf, config.to_hf_config_dict())
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log = open(tmp_path / "server.log", "w+")
     server = subprocess.Popen([sys.executable, os.path.join(root, "tools", "serve_embedded.py"),
                                "--checkpoint", hf, "--port", "0", "--seed", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                              stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        line = server.stdout.readline()
-        url = re.search(r"(http://\S+)", line).group(1)
+        lines = []
+        while not (found := re.search(r"serving .* at (http://\S+)", lines[-1] if lines else "")):
+            lines.append(server.stdout.readline())
+            if not lines[-1]:  # EOF: the server exited
+                log.seek(0)
+                pytest.fail("serve_embedded exited:\n" + "".join(lines) + log.read()[-3000:])
+        url = found.group(1)
         run_multirank(train_body, 1, args=(online_overrides(
             tmp_path, init, extra=["rollout.engine=vllm", f"rollout.url={url}"]),))
         records = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
