@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from .fused_linear import _student_on_set, _sub_chunk
+from .fused_linear import _student_on_set, _sub_chunk, set_logits_backward
 from .reference import salient_set_reference
 from .sva import check_topk, complete_student, decode_keys, global_topk_keys, \
     shard_layout, sva_topk_keys
@@ -74,23 +74,8 @@ class _LogitsOnSet(torch.autograd.Function):
     def backward(ctx, grad_z):
         h, w, local, owned = ctx.saved_tensors
         g = torch.where(owned, grad_z.float(), 0.0)  # [T, k]: only the ids this rank owns
-        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = (torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-                  if ctx.needs_input_grad[1] else None)
-        for i in range(0, h.shape[0], ctx.sub):
-            ids, gi = local[i:i + ctx.sub], g[i:i + ctx.sub]
-            if grad_h is not None:
-                grad_h[i:i + ctx.sub] = torch.bmm(gi[:, None, :].to(w.dtype), w[ids]
-                                                  ).squeeze(1).to(h.dtype)
-            if grad_w is not None:
-                contrib = gi[:, :, None] * h[i:i + ctx.sub].float()[:, None, :]  # [c, k, H]
-                grad_w.index_add_(0, ids.flatten(), contrib.reshape(-1, h.shape[1]))
-        tp = ctx.tp_group
-        if (grad_h is not None and ctx.reduce_hidden_grad and tp is not None
-                and torch.distributed.get_world_size(tp) > 1):
-            torch.distributed.all_reduce(grad_h, group=tp)
-        if grad_w is not None:
-            grad_w = grad_w.to(w.dtype)
+        rows = torch.arange(h.shape[0], device=h.device)
+        grad_h, grad_w = set_logits_backward(g, h, w, rows, local, ctx)
         return grad_h, grad_w, None, None, None, None, None
 
 

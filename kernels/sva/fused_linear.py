@@ -63,27 +63,35 @@ class FusedLinearSVAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         h, w, rows, local_all, coef_all = ctx.saved_tensors
-        grad_h = grad_w = None
         gc = grad_loss.float()[rows, None] * coef_all  # [R, k] = ∂L/∂z_s on S
-        if ctx.needs_input_grad[0]:
-            grad_h = torch.zeros_like(h)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        for i in range(0, rows.numel(), ctx.sub):
-            r, local, g = rows[i:i + ctx.sub], local_all[i:i + ctx.sub].long(), gc[i:i + ctx.sub]
-            if grad_h is not None:
-                w_set = w[local]  # [c, k, H]
-                grad_h[r] = torch.bmm(g[:, None, :].to(w.dtype), w_set).squeeze(1).to(h.dtype)
-            if grad_w is not None:
-                contrib = g[:, :, None] * h[r].float()[:, None, :]  # [c, k, H]
-                grad_w.index_add_(0, local.flatten(), contrib.reshape(-1, h.shape[1]))
-        tp = ctx.tp_group
-        if (grad_h is not None and ctx.reduce_hidden_grad and tp is not None
-                and torch.distributed.get_world_size(tp) > 1):
-            torch.distributed.all_reduce(grad_h, group=tp)
-        if grad_w is not None:
-            grad_w = grad_w.to(w.dtype)
+        grad_h, grad_w = set_logits_backward(gc, h, w, rows, local_all, ctx)
         return grad_h, grad_w, None, None, None, None, None, None, None, None
+
+
+def set_logits_backward(g, h, w, rows, local, ctx):
+    """Sparse backward of ``z[r, j] = h[rows[r]] · w[local[r, j]]`` given ``g = ∂L/∂z`` [R, k].
+
+    Only the k gathered LM-head rows per position get a gradient (``index_add_``, fp32, cast to
+    ``w``'s dtype); the hidden gradient is all-reduced over ``ctx.tp_group`` when
+    ``ctx.reduce_hidden_grad`` (each rank only sees its vocab shard's part). ``ctx`` also gives
+    ``sub`` (positions per chunk) and ``needs_input_grad`` for (h, w).
+    """
+    grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+    grad_w = (torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+              if ctx.needs_input_grad[1] else None)
+    for i in range(0, rows.numel(), ctx.sub):
+        r, ids, gi = rows[i:i + ctx.sub], local[i:i + ctx.sub].long(), g[i:i + ctx.sub]
+        if grad_h is not None:
+            w_set = w[ids]  # [c, k, H]
+            grad_h[r] = torch.bmm(gi[:, None, :].to(w.dtype), w_set).squeeze(1).to(h.dtype)
+        if grad_w is not None:
+            contrib = gi[:, :, None] * h[r].float()[:, None, :]  # [c, k, H]
+            grad_w.index_add_(0, ids.flatten(), contrib.reshape(-1, h.shape[1]))
+    tp = ctx.tp_group
+    if (grad_h is not None and ctx.reduce_hidden_grad and tp is not None
+            and torch.distributed.get_world_size(tp) > 1):
+        torch.distributed.all_reduce(grad_h, group=tp)
+    return grad_h, None if grad_w is None else grad_w.to(w.dtype)
 
 
 def fused_linear_sva(

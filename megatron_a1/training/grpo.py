@@ -21,23 +21,16 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from megatron_a1.training import checkpoint as ckpt
 from megatron_a1.training.logprobs import token_logprobs
 from megatron_a1.training.losses import grpo_token_losses, masked_token_sum
-from megatron_a1.training.opd import final_hidden
+from megatron_a1.training.opd import final_hidden, load_frozen
 
 _STATS = ("clipped", "kl", "entropy", "ratio", "tokens")
 
 
 def build_reference(cfg, rt, build_model_chunks) -> torch.nn.Module:
     """The frozen reference policy (weights only, eval mode, no gradients)."""
-    chunks, _ = build_model_chunks(cfg, rt)
-    path = cfg.grpo.reference or cfg.model.init_from
-    ckpt.load_model_weights(ckpt.latest_checkpoint(path) or path, chunks)
-    model = chunks[0].eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return load_frozen(cfg, rt, cfg.grpo.reference or cfg.model.init_from, build_model_chunks)
 
 
 class GRPOStage:
@@ -109,9 +102,9 @@ class GRPOStage:
             d = ref - logp
             kl = torch.exp(d) - d - 1
         m = mask.bool()
-        self._stats += torch.tensor([clipped[m].sum().item(), kl[m].sum().item(),
-                                     entropy[m].sum().item(), ratio[m].sum().item(),
-                                     m.sum().item()], dtype=torch.float64)
+        sums = torch.stack([clipped[m].sum(), kl[m].sum(), entropy[m].sum(), ratio[m].sum(),
+                            m.sum()])
+        self._stats += sums.double().cpu()  # one device-to-host copy per micro-batch
 
     def finish(self, step) -> None:
         """Step metrics over the global batch (after the optimizer step)."""

@@ -118,7 +118,8 @@ class MoELoadTracker:
         if not module.training:
             return  # teachers/reference/rollout forwards are not the step's routing
         routing_map = output[1].detach()
-        load = routing_map.reshape(-1, routing_map.shape[-1]).sum(0).double().cpu()
+        # stays on the device: a host copy here would synchronise every MoE layer's forward
+        load = routing_map.reshape(-1, routing_map.shape[-1]).sum(0, dtype=torch.float64)
         key = id(module)
         self.counts[key] = self.counts.get(key, 0) + load
 
@@ -127,19 +128,17 @@ class MoELoadTracker:
         import torch.distributed as dist
         from megatron.core import parallel_state
 
-        group = parallel_state.get_data_parallel_group()
-
         if not self.handles:
             return None
-        n = len(self.handles)
-        # every rank has the same layers; stack in registration order for one all-reduce
-        loads = torch.stack([c for c in self.counts.values()]) if self.counts else None
-        size = torch.tensor([0 if loads is None else loads.shape[1]], dtype=torch.long)
+        group = parallel_state.get_data_parallel_group()
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")  # NCCL reduces device tensors only
+        # every rank has the same layers; stacked in forward order for one all-reduce
+        loads = torch.stack(list(self.counts.values())) if self.counts else None
+        size = torch.tensor([0 if loads is None else loads.shape[1]], device=device)
         dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
-        if loads is None or loads.shape[0] != n:
-            loads = torch.zeros(n, int(size), dtype=torch.float64)
-        if torch.cuda.is_available():
-            loads = loads.cuda()
+        if loads is None or loads.shape[0] != len(self.handles):
+            loads = torch.zeros(len(self.handles), int(size), dtype=torch.float64, device=device)
         dist.all_reduce(loads, group=group)
         self.counts.clear()
         mean = loads.mean(1)

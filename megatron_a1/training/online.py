@@ -36,6 +36,7 @@ from megatron.core import parallel_state
 
 from megatron_a1.training.rollout_groups import (RolloutRecordError, assign_advantages, pack_step,
                                                  parse_rollout)
+from megatron_a1.training.sources import StepData, pad_multiple
 
 log = logging.getLogger("megatron_a1.train")
 
@@ -119,7 +120,7 @@ class OnlineRolloutSource:
                                     top_k=self.r.top_k))
         self.prompts = cfg.grpo.prompts_per_step if self.grpo else cfg.train.global_batch_size
         g = cfg.grpo
-        self.max_seq_len, self.pad = cfg.data.max_seq_len, _pad(rt)
+        self.max_seq_len, self.pad = cfg.data.max_seq_len, pad_multiple(rt)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.process_weight, self.dynamic_sampling = g.asymmetric_process_weight, g.dynamic_sampling
@@ -134,8 +135,6 @@ class OnlineRolloutSource:
         state.data.setdefault("prompt_cursor", 0)
 
     def next_step(self, state):
-        from megatron_a1.training.sources import StepData
-
         if self.r.engine == "embedded":
             self.engine.update_weights(state.iteration)  # the live weights after the last step
         start, kept, read, rounds, records = time.perf_counter(), [], [], 0, []
@@ -270,9 +269,3 @@ def export_hf(checkpoint: str, out_dir: str, hf_config: dict) -> None:
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _pad(rt) -> int | None:
-    from megatron_a1.training.sources import _pad_multiple
-
-    return _pad_multiple(rt)

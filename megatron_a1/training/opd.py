@@ -169,11 +169,12 @@ class OPDStage:
                                                                       one.float()])})
 
     def _log_domain_loss(self, weighted: torch.Tensor, batch: dict) -> None:
-        cu = batch["cu_seqlens"]
-        for i, d in enumerate(batch["domains"]):
+        cu = batch["cu_seqlens"].tolist()
+        per_doc = torch.stack([weighted[cu[i]:cu[i + 1]].sum()
+                               for i in range(len(batch["domains"]))]).double().cpu()
+        for d, loss in zip(batch["domains"], per_doc):
             if d in self.domains:
-                self._domain_loss[self.domains.index(d)] += float(
-                    weighted[int(cu[i]):int(cu[i + 1])].sum())
+                self._domain_loss[self.domains.index(d)] += loss
 
     @staticmethod
     def _group(by_domain: dict) -> list[tuple[object, set[str]]]:

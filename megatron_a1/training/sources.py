@@ -30,7 +30,8 @@ class StepData:
     info: dict = field(default_factory=dict)
 
 
-def _pad_multiple(rt) -> int | None:
+def pad_multiple(rt) -> int | None:
+    """Pack lengths round up to TP (x 2·CP with context parallelism), None when 1."""
     p = rt.parallel
     pad = p.tensor_parallel * (2 * p.context_parallel if p.context_parallel > 1 else 1)
     return pad if pad > 1 else None
@@ -66,7 +67,7 @@ class PackedSource(_Offline):
         self.batches = iter(build_dataloader(self.dataset, LoaderConfig(
             micro_batch_size=t.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=self.dp, consumed_samples=state.consumed_samples,
-            num_workers=self.cfg.data.num_workers, pad_to_multiple=_pad_multiple(self.rt))))
+            num_workers=self.cfg.data.num_workers, pad_to_multiple=pad_multiple(self.rt))))
 
     def next_step(self, state) -> StepData:
         micro = [next(self.batches) for _ in range(self.num_micro)]
@@ -91,7 +92,7 @@ class RolloutSource(_Offline):
             process_weight=g.asymmetric_process_weight, dynamic_sampling=g.dynamic_sampling,
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(), tokenizer=tokenizer,
-            pad_to_multiple=_pad_multiple(rt))
+            pad_to_multiple=pad_multiple(rt))
         t = cfg.train
         self.total_steps = (t.train_steps if t.train_steps is not None
                             else max(1, math.floor(self.groups.steps_per_epoch() * t.epochs)))
