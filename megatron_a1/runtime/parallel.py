@@ -148,7 +148,7 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: int = 1234) -> R
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # a plain single process: no rendezvous needed
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(
             backend=backend,
             rank=rank,
@@ -182,9 +182,29 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on localhost now, for ``MASTER_PORT``, drawn *below* the kernel's
+    ephemeral range: a port the kernel hands out for ``bind(0)`` or an outgoing connection (an
+    HTTP client, another test's gloo sockets) can be taken by someone else between this probe
+    and the rendezvous binding it; one outside that range can only collide with another
+    explicit choice, and random draws make that unlikely."""
+    import random
     import socket
 
-    with socket.socket() as s:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default start of the ephemeral range
+    draw = random.SystemRandom()
+    for _ in range(100):
+        port = draw.randrange(max(1024, low // 2), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything below the range is taken: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

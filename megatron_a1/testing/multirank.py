@@ -16,21 +16,15 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable, Sequence
 
+from megatron_a1.runtime.parallel import free_port
+
 
 class MultiRankError(RuntimeError):
     """One or more ranks failed or hung; the message holds each rank's traceback."""
-
-
-def free_port() -> int:
-    """A TCP port that is free on localhost right now (for ``MASTER_PORT``)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(fn, rank, world_size, port, env, args, out_q):

@@ -258,6 +258,9 @@ class TrainConfig:
                               "checkpoints (and their HF export); set checkpoint.dir")
         if r.sync_interval < 1:
             raise ConfigError("rollout.sync_interval must be >= 1")
+        if r.max_staleness < 0:
+            raise ConfigError("rollout.max_staleness must be >= 0 (0: sample each step with the "
+                              "newest weights)")
         for domain, path in r.tasks.items():
             if path != "bundled" and not os.path.isfile(path):
                 raise ConfigError(f"rollout.tasks.{domain}: {path} not found (or use 'bundled')")

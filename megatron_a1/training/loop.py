@@ -108,6 +108,7 @@ def run(cfg: TrainConfig) -> dict:
     preempt, nonfinite_run, saved_at = _Preemption(), 0, None
 
     def save() -> int:
+        source.before_save(state)  # rollouts in flight go into the checkpoint
         state.scheduler = scheduler.state_dict()
         # before the first step the optimizer has no state: the checkpoint holds weights only
         path = ckpt.save_checkpoint(cfg.checkpoint.dir, ddp, optimizer if state.iteration else None,
@@ -158,6 +159,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.checkpoint.dir and saved_at != state.iteration and not latest_is(cfg, state):
         save()
 
+    source.close()
     summary = {"step": state.iteration, "loss": logger.last_loss, "checkpoint_dir": cfg.checkpoint.dir,
                "losses": logger.history}
     logger.close()

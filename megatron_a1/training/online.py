@@ -1,8 +1,7 @@
 """On-policy rollouts inside the training loop (GRPO groups and OPD student samples).
 
-Each step: take the next prompts from the task list (domains interleaved, cycling; the cursor
-``state.data["prompt_cursor"]`` is the resume point), run the agent loop
-(:mod:`megatron_a1.rollout.agent`) with the current policy, and pack the records into THD
+Each step: take the next prompts from the task list (domains interleaved, cycling), run the agent
+loop (:mod:`megatron_a1.rollout.agent`) with the policy, and pack the records into THD
 micro-batches (:mod:`megatron_a1.training.rollout_groups`).
 
 * GRPO: ``samples_per_prompt`` episodes per prompt form a group; groups whose advantages are all
@@ -12,14 +11,28 @@ micro-batches (:mod:`megatron_a1.training.rollout_groups`).
   zero advantages leave only the KL and entropy terms).
 * OPD: ``train.global_batch_size`` prompts per step, each sample routed to its domain's teacher.
 
-Generation is synchronous: the rollouts of step N are sampled by the weights after step N-1
-(staleness 0; with ``rollout.sync_interval`` N > 1 on a server, at most N-1 steps stale — each
-record carries the ``weight_version`` that sampled it). Data-parallel ranks generate disjoint slices of the prompts and exchange records,
-so every rank sees the same step. With the embedded engine each rank samples from its own copy
-of the live policy (model-parallel size 1).
+Which weights sample step ``s`` (trained from version ``s-1`` to ``s``; every record carries the
+``weight_version`` that sampled it) — :mod:`megatron_a1.training.rollout_pipeline`:
+
+* ``rollout.max_staleness = 0``: version ``s-1``, the newest; generation and training alternate.
+* ``max_staleness = k > 0``: version ``s-1-k``; a background thread samples the next ``k`` steps
+  while the current one trains. The GRPO ratio against the records' log-probs corrects for the
+  lag. The embedded engine then samples from a copy of the policy, refreshed every step.
+* A server (vLLM/SGLang) gets new weights every ``rollout.sync_interval`` steps (a checkpoint,
+  its HF export, the server's reload): the version is rounded down to that interval, so a rollout
+  is at most ``k + sync_interval - 1`` steps stale.
+
+The version rule depends on the step alone, so a resumed run samples what the uninterrupted run
+sampled; batches in flight at a checkpoint are finished and stored in it (``TrainerState.data``:
+``prompt_cursor``, ``rollouts_in_flight``) and trained after the resume, never lost.
+
+Data-parallel replicas generate disjoint slices of the prompts and exchange records over a gloo
+group of their own (usable from the background thread), so every rank trains on the same step;
+tensor/pipeline/context-parallel peers of a replica get its slice rather than sampling their own.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -36,15 +49,19 @@ from megatron.core import parallel_state
 
 from megatron_a1.training.rollout_groups import (RolloutRecordError, assign_advantages, pack_step,
                                                  parse_rollout)
+from megatron_a1.training.rollout_pipeline import RolloutPipeline
 from megatron_a1.training.sources import StepData, pad_multiple
 
 log = logging.getLogger("megatron_a1.train")
+
+EXCHANGE_TIMEOUT = datetime.timedelta(hours=4)
+"""How long a rank waits for the others' rollouts (long agent episodes on a busy server)."""
 
 
 @dataclass(kw_only=True)
 class RolloutSection:
     engine: Literal["embedded", "vllm", "sglang"] = "embedded"
-    """Where samples come from: the live policy in-process, or a vLLM/SGLang server."""
+    """Where samples come from: the policy in-process, or a vLLM/SGLang server."""
     url: str | None = None
     """Server base URL (vllm/sglang)."""
     tokenizer: str = "qwen"
@@ -67,13 +84,15 @@ class RolloutSection:
     """GRPO: extra rounds of prompts when dynamic sampling dropped groups."""
     output: str | None = None
     """Append every rollout record here (JSONL, rank 0)."""
+    max_staleness: int = 0
+    """Steps a rollout may lag the weights it trains: 0 samples each step with the newest
+    weights; k > 0 samples up to k steps ahead in the background while training runs."""
     sync_interval: int = 1
     """vllm/sglang: push the policy's weights to the server every N steps (the disk path: a
-    checkpoint, its HF export, the server's reload endpoint). The embedded engine always samples
-    with the live weights."""
+    checkpoint, its HF export, the server's reload endpoint)."""
     export_dir: str | None = None
-    """Where the HF export for the server goes (default: ``<checkpoint.dir>/hf_export``); must
-    be readable by the server."""
+    """Where the HF exports for the server go (``step_<N>`` in it; default:
+    ``<checkpoint.dir>/hf_export``); must be readable by the server."""
 
 
 def _load_tasks(tasks: dict[str, str]) -> list[tuple[str, dict]]:
@@ -99,19 +118,62 @@ def build_engine(r: RolloutSection, policy, vocab_size: int, seed: int):
     return HTTPEngine(r.url, backend=r.engine)
 
 
+def _weights(model) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model``'s parameters and buffers (one published weight version)."""
+    with torch.no_grad():
+        return {n: t.detach().clone() for n, t in
+                [*model.named_parameters(), *model.named_buffers()] if t is not None}
+
+
+def _load_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t is not None:
+                t.copy_(weights[n])
+
+
+def _snapshot(cfg, rt, live):
+    """A second model of the policy's architecture holding its current weights (same dtypes),
+    for sampling in the background while the policy trains."""
+    from megatron_a1.training.model_setup import build_model_chunks
+
+    with torch.random.fork_rng(devices=[]):  # the training run's random streams stay untouched
+        model = build_model_chunks(cfg, rt)[0][0]
+    with torch.no_grad():
+        live_tensors = dict([*live.named_parameters(), *live.named_buffers()])
+        for n, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t is not None:
+                t.data = live_tensors[n].detach().clone()
+    model.requires_grad_(False)
+    return model
+
+
+def _exchange_group():
+    """A gloo group over all ranks for the rollout exchange (None on one rank)."""
+    if torch.distributed.get_world_size() == 1:
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=EXCHANGE_TIMEOUT)
+
+
 class OnlineRolloutSource:
-    """Rollouts generated each step by the current policy."""
+    """Rollouts generated by the policy, one batch per step (see the module docstring)."""
 
     def __init__(self, cfg, rt, policy):
         from megatron_a1.data.tokenizer import load_tokenizer
         from megatron_a1.rollout.agent import AgentConfig
+        from megatron_a1.rollout.embedded import _unwrap
         from megatron_a1.rollout.engine import SamplingParams
 
         self.cfg, self.r = cfg, cfg.rollout
         self.grpo = cfg.train.stage == "grpo"
+        self.embedded = self.r.engine == "embedded"
+        self.background = self.r.max_staleness > 0
         self.tasks = _load_tasks(self.r.tasks)
         self.tokenizer = load_tokenizer(self.r.tokenizer)
-        self.engine = build_engine(self.r, policy, self.tokenizer.vocab_size, cfg.train.seed)
+        self.live = _unwrap(policy)
+        sampler = _snapshot(cfg, rt, self.live) if self.embedded and self.background else policy
+        self.sampler = _unwrap(sampler)
+        self.engine = build_engine(self.r, sampler, self.tokenizer.vocab_size, cfg.train.seed)
         self.agent = AgentConfig(
             max_turns=self.r.max_turns, max_tokens=self.r.max_tokens,
             max_turn_tokens=self.r.max_turn_tokens, context_limit=self.r.context_limit,
@@ -123,6 +185,11 @@ class OnlineRolloutSource:
         self.max_seq_len, self.pad = cfg.data.max_seq_len, pad_multiple(rt)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        # one replica member samples; its tensor/pipeline/context peers take its slice
+        self.samples_here = (parallel_state.get_tensor_model_parallel_rank() == 0
+                             and parallel_state.get_pipeline_model_parallel_rank() == 0
+                             and parallel_state.get_context_parallel_rank() == 0)
+        self.exchange = _exchange_group()
         self.process_weight, self.dynamic_sampling = g.asymmetric_process_weight, g.dynamic_sampling
         t = cfg.train
         self.total_steps = t.train_steps if t.train_steps is not None else max(
@@ -130,92 +197,181 @@ class OnlineRolloutSource:
         self.is_writer = torch.distributed.get_rank() == 0 and self.r.output
         self.stats: dict = {}
         self.skipped = 0
+        self.cursor = 0
+        self.pipeline: RolloutPipeline | None = None
 
+    # -- the loop's interface ----------------------------------------------------------------
     def start(self, state) -> None:
-        state.data.setdefault("prompt_cursor", 0)
+        self.cursor = state.data.get("prompt_cursor", 0)
+        self.pipeline = RolloutPipeline(self._produce, self._apply_weights, self._due_version,
+                                        first=state.iteration + 1, last=self.total_steps,
+                                        background=self.background)
+        self.pipeline.restore(state.data.get("rollouts_in_flight") or {})
+        if self.embedded:
+            self._publish_live(state)
+        elif state.iteration == 0:
+            self.pipeline.publish(0)  # the server was launched with the initial weights
+        else:  # resumed: the server may hold anything; give it the resumed weights
+            from megatron_a1.training import checkpoint as ckpt
 
-    def next_step(self, state):
-        if self.r.engine == "embedded":
-            self.engine.update_weights(state.iteration)  # the live weights after the last step
-        start, kept, read, rounds, records = time.perf_counter(), [], [], 0, []
-        samples_per_prompt = self.r.samples_per_prompt
-        while len(kept) < self.prompts and rounds <= (self.r.max_refill_rounds if self.grpo else 0):
-            need = self.prompts - len(kept)
-            groups = self._generate(state, need, samples_per_prompt)
-            rounds += 1
-            for records_of_group in groups:
-                records += records_of_group
-                group = []
-                for rec in records_of_group:
-                    try:
-                        group.append(parse_rollout(rec, f"step {state.iteration + 1} rollout "
-                                                        f"{rec['id']}"))
-                    except RolloutRecordError as exc:  # e.g. nothing sampled: prompt too long
-                        self.skipped += 1
-                        log.warning("%s (skipped)", exc)
+            self.push_weights(ckpt.latest_checkpoint(self.cfg.checkpoint.dir), state)
+        self.pipeline.start()
+
+    def next_step(self, state) -> StepData:
+        if self.embedded:
+            self._publish_live(state)
+        start = time.perf_counter()
+        batch = self.pipeline.get(state.iteration + 1)
+        waited = time.perf_counter() - start
+        records = batch["records"]
+        kept = [self._parse_group([records[i] for i in group], state.iteration + 1)[0]
+                for group in batch["groups"]]
+        if self.grpo:
+            for group in kept:
+                assign_advantages(group, self.process_weight)
+        rollouts = pack_step(kept, batch["read"], max_seq_len=self.max_seq_len,
+                             dp_rank=self.dp_rank, dp_size=self.dp_size, pad_to_multiple=self.pad)
+        state.consumed_samples += len(rollouts.samples)
+        self.skipped += batch["skipped"]
+        self._write(records, state)
+        self._log_stats(records, batch["seconds"], waited, state.iteration)
+        return StepData(rollouts.micro_batches, rollouts, info=self.stats)
+
+    def before_save(self, state) -> None:
+        """Finish the batches the published weights allow and store them with the cursor."""
+        if self.embedded:
+            self._publish_live(state)
+        state.data["rollouts_in_flight"] = self.pipeline.drain()
+        state.data["prompt_cursor"] = self.cursor
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+    def wants_weights(self, state) -> bool:
+        """True when the server must get the weights of this iteration (a checkpoint of it)."""
+        return (not self.embedded and state.iteration % self.r.sync_interval == 0
+                and self._due_version(self.total_steps) >= state.iteration)
+
+    def push_weights(self, checkpoint: str, state) -> None:
+        """Rank 0 exports ``checkpoint`` to HF for the server; the generator loads it when due."""
+        path = None
+        if torch.distributed.get_rank() == 0:
+            from megatron_a1.training.model_setup import resolve_model_config
+
+            path = os.path.abspath(os.path.join(self._export_root(),
+                                                f"step_{state.iteration:07d}"))
+            export_hf(checkpoint, path, resolve_model_config(self.cfg.model).to_hf_config_dict())
+        torch.distributed.barrier()
+        self.pipeline.publish(state.iteration, path)
+
+    # -- weights -----------------------------------------------------------------------------
+    def _due_version(self, step: int) -> int:
+        v = max(0, step - 1 - self.r.max_staleness)
+        return v if self.embedded else v - v % self.r.sync_interval
+
+    def _publish_live(self, state) -> None:
+        """Embedded: the policy's weights after ``state.iteration`` steps, if a batch is due
+        with them (a copy when sampling runs beside training; else the live model itself)."""
+        i = state.iteration
+        if i == 0 or i + 1 + self.r.max_staleness <= self.total_steps:
+            self.pipeline.publish(i, _weights(self.live) if self.background else None)
+
+    def _apply_weights(self, version: int, payload) -> None:
+        if self.embedded:
+            if payload is not None:
+                _load_weights(self.sampler, payload)
+            self.engine.update_weights(version)
+            return
+        if payload is not None:  # rank 0: the HF export of that version
+            from megatron_a1.rollout.weight_sync import weight_sync_for
+
+            weight_sync_for(self.engine).update_from_disk(payload, version=version)
+            log.info("weights of step %d loaded by %s", version, self.r.url)
+            for old in os.listdir(self._export_root()):  # exports the server no longer needs
+                if old.startswith("step_") and old < os.path.basename(payload):
+                    shutil.rmtree(os.path.join(self._export_root(), old), ignore_errors=True)
+        if self.exchange is not None:
+            torch.distributed.barrier(group=self.exchange)  # the server has them: all sample
+        self.engine.weight_version = version
+
+    def _export_root(self) -> str:
+        return self.r.export_dir or os.path.join(self.cfg.checkpoint.dir, "hf_export")
+
+    # -- one step's batch (runs in the generator: own process group only) ---------------------
+    def _produce(self, step: int) -> dict:
+        """Sample the prompts of ``step`` (refilling dropped GRPO groups): the records, which of
+        them form the kept groups, and the counts the step logs."""
+        start, records, groups, read, rounds, skipped = time.perf_counter(), [], [], 0, 0, 0
+        all_groups = []
+        while len(groups) < self.prompts and rounds <= (self.r.max_refill_rounds
+                                                        if self.grpo else 0):
+            for group_records in self._generate(self.prompts - len(groups)):
+                first = len(records)
+                records += group_records
+                group, bad = self._parse_group(group_records, step)
+                skipped += len(bad)
+                index = [first + i for i in range(len(group_records)) if i not in bad]
                 if not group:
                     continue
-                read.append(group)
+                read += 1
+                all_groups.append(index)
                 if self.grpo:
                     assign_advantages(group, self.process_weight)
                     if self.dynamic_sampling and not any(s.advantage for s in group):
                         continue
-                kept.append(group)
-        if not kept and self.dp_rank == 0:
+                groups.append(index)
+            rounds += 1
+        if not groups and all_groups and self.dp_rank == 0:
             log.warning("step %d: no rollout group with distinct rewards after %d rounds; "
-                        "training on the unfiltered groups", state.iteration + 1, rounds)
-        kept = kept or read
-        if not kept:
-            raise RuntimeError(f"step {state.iteration + 1}: no rollout sampled any token; "
+                        "training on the unfiltered groups", step, rounds)
+        groups = groups or all_groups
+        if not groups:
+            raise RuntimeError(f"step {step}: no rollout sampled any token; "
                                "check rollout.context_limit against the prompt lengths")
-        rollouts = pack_step(kept[:self.prompts], len(read), max_seq_len=self.max_seq_len,
-                             dp_rank=self.dp_rank, dp_size=self.dp_size,
-                             pad_to_multiple=self.pad)
-        state.consumed_samples += len(rollouts.samples)
-        self._write(records, state)
-        self._log_stats(records, time.perf_counter() - start, state.iteration)
-        return StepData(rollouts.micro_batches, rollouts, info=self.stats)
+        return {"records": records, "groups": groups[:self.prompts], "read": read,
+                "skipped": skipped, "seconds": time.perf_counter() - start}
 
-    def wants_weights(self, state) -> bool:
-        """True when the server must get the weights of this iteration before the next step."""
-        return self.r.engine != "embedded" and state.iteration % self.r.sync_interval == 0
+    @staticmethod
+    def _parse_group(records: list[dict], step: int) -> tuple[list, set[int]]:
+        """The group's samples, and the indices of records with nothing to train on (e.g. a
+        prompt longer than the context: nothing sampled)."""
+        samples, bad = [], set()
+        for i, rec in enumerate(records):
+            try:
+                samples.append(parse_rollout(rec, f"step {step} rollout {rec['id']}"))
+            except RolloutRecordError as exc:
+                bad.add(i)
+                log.warning("%s (skipped)", exc)
+        return samples, bad
 
-    def push_weights(self, checkpoint: str, state) -> None:
-        """Rank 0 exports ``checkpoint`` to HF and has the server reload it; the others wait."""
-        if torch.distributed.get_rank() == 0:
-            from megatron_a1.rollout.weight_sync import weight_sync_for
-            from megatron_a1.training.model_setup import resolve_model_config
-
-            out = self.r.export_dir or os.path.join(self.cfg.checkpoint.dir, "hf_export")
-            export_hf(checkpoint, out, resolve_model_config(self.cfg.model).to_hf_config_dict())
-            weight_sync_for(self.engine).update_from_disk(os.path.abspath(out),
-                                                          version=state.iteration)
-            log.info("weights of step %d pushed to %s", state.iteration, self.r.url)
-        torch.distributed.barrier()
-
-    def _generate(self, state, n_prompts: int, samples: int) -> list[list[dict]]:
-        """``n_prompts`` groups from the cursor on; this DP rank runs its slice, all exchange."""
+    def _generate(self, n_prompts: int) -> list[list[dict]]:
+        """``n_prompts`` groups from the cursor on; each replica runs its slice, all exchange."""
         from megatron_a1.rollout.agent import group_rollouts
 
-        cursor = state.data["prompt_cursor"]
+        cursor = self.cursor
         chosen = [self.tasks[(cursor + i) % len(self.tasks)] for i in range(n_prompts)]
-        state.data["prompt_cursor"] = cursor + n_prompts
-        dp, rank = self.dp_size, self.dp_rank
-        mine = chosen[rank::dp]
-        # a fresh seed per (run seed, prompt position): samples differ across steps and ranks
-        agent = self.agent
-        agent.seed = zlib.crc32(f"{self.cfg.train.seed}:{cursor}:{rank}".encode())
+        self.cursor = cursor + n_prompts
         groups: list[list[dict]] = []
-        by_domain: dict[str, list[dict]] = {}
-        for d, task in mine:
-            by_domain.setdefault(d, []).append(task)
-        if by_domain:
-            groups = group_rollouts(self.engine, by_domain, samples, self.tokenizer, agent)
-        gathered = [None] * dp
-        torch.distributed.all_gather_object(gathered, groups,
-                                            group=parallel_state.get_data_parallel_group())
-        return [g for part in gathered for g in part]
+        if self.samples_here:
+            by_domain: dict[str, list[dict]] = {}
+            for d, task in chosen[self.dp_rank::self.dp_size]:
+                by_domain.setdefault(d, []).append(task)
+            # a fresh seed per (run seed, prompt position, replica): samples differ across
+            # steps and replicas, and a resumed run draws the same ones
+            self.agent.seed = zlib.crc32(f"{self.cfg.train.seed}:{cursor}:{self.dp_rank}".encode())
+            if by_domain:
+                groups = group_rollouts(self.engine, by_domain, self.r.samples_per_prompt,
+                                        self.tokenizer, self.agent)
+        if self.exchange is None:
+            return groups
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(
+            gathered, (self.dp_rank, groups) if self.samples_here else None, group=self.exchange)
+        slices = sorted((x for x in gathered if x is not None), key=lambda x: x[0])
+        return [g for _, part in slices for g in part]
 
+    # -- output ------------------------------------------------------------------------------
     def _write(self, records: list[dict], state) -> None:
         if not self.is_writer:
             return
@@ -224,7 +380,8 @@ class OnlineRolloutSource:
             for rec in records:
                 f.write(json.dumps({**rec, "step": state.iteration + 1}) + "\n")
 
-    def _log_stats(self, records: list[dict], seconds: float, iteration: int) -> None:
+    def _log_stats(self, records: list[dict], seconds: float, waited: float,
+                   iteration: int) -> None:
         from megatron_a1.rollout.agent import RolloutStats
 
         # every episode of the step (dropped groups included), so the reward curve is unbiased
@@ -232,6 +389,8 @@ class OnlineRolloutSource:
         versions = [(r.get("weight_version") or {}).get("min") for r in records]
         versions = [v for v in versions if v is not None]
         self.stats = {"rollout/seconds": seconds,
+                      # the trainer idle, waiting for this step's rollouts
+                      "rollout/wait_seconds": waited,
                       # steps between the weights that sampled a token and the ones it trains
                       "rollout/staleness": iteration - min(versions) if versions else 0,
                       "rollout/gen_tokens_per_s": summary["all"]["tokens_per_s"] or 0.0,

@@ -38,10 +38,16 @@ def pad_multiple(rt) -> int | None:
 
 
 class _Offline:
-    """Offline inputs: no generation engine to keep in sync with the policy."""
+    """Offline inputs: no generation engine to keep in sync with the policy, nothing in flight."""
 
     def wants_weights(self, state) -> bool:
         return False
+
+    def before_save(self, state) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class PackedSource(_Offline):
