@@ -5,6 +5,8 @@ token-in/token-out HTTP protocols, so rollout code written for vLLM runs against
     python tools/serve_embedded.py --checkpoint ckpt/ --port 8000               # trained weights
     curl -s localhost:8000/inference/v1/generate -d '{"token_ids": [1, 2, 3],
          "sampling_params": {"max_tokens": 8, "logprobs": 0}}'
+    curl -s localhost:8000/v1/completions -d '{"prompt": [1, 2, 3], "max_tokens": 1,
+         "prompt_logprobs": 5}'                    # a served OPD teacher's top-5 per position
 
 ``--checkpoint`` is a Hugging Face safetensors directory (``config.json`` + ``*.safetensors``,
 what ``tools/convert_checkpoint.py mcore-to-hf`` writes) or a ``dist_checkpointing`` directory

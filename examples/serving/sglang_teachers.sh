@@ -4,7 +4,8 @@
 # vllm_teachers.sh; with SGLang, teacher log-probs of a given token sequence come from
 # POST /generate {"input_ids": ..., "sampling_params": {"max_new_tokens": 1},
 # "return_logprob": true, "logprob_start_len": 0, "top_logprobs_num": K}
-# (meta_info.input_token_logprobs / input_top_logprobs).
+# (meta_info.input_token_logprobs / input_top_logprobs): what the OPD trainer sends for
+# opd.teacher_servers with opd.teacher_server_backend=sglang.
 #
 #   TEACHERS="math=/shared/teachers/math_hf code=/shared/teachers/code_hf" \
 #       bash examples/serving/sglang_teachers.sh

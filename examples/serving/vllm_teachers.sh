@@ -9,11 +9,9 @@
 # Teachers are frozen: no RL routes, no weight transfer. Uses:
 # * evaluation and chat (reasoning / tool-call parsers below, /v1/chat/completions);
 # * generating SFT data for a domain;
-# * scoring student rollouts for OPD from a separate node: POST /inference/v1/generate with the
-#   rollout as token_ids and sampling_params {"max_tokens": 1, "prompt_logprobs": K} returns the
-#   teacher's top-K log-probs at every position (GenerateResponse.prompt_logprobs). The OPD
-#   trainer in this repository co-locates the teachers instead (megatron_a1/training/opd.py);
-#   this is the disaggregated alternative.
+# * scoring student rollouts for OPD from a separate node (opd.teacher_servers): the trainer
+#   asks POST /v1/completions for prompt_logprobs, which vLLM V1 versions have refused with
+#   prefix caching on: serve a scoring teacher with vllm_opd_teacher.sh instead.
 set -euo pipefail
 TEACHERS=${TEACHERS:?set TEACHERS="name=hf_dir ..." (at most 4)}
 BASE_PORT=${BASE_PORT:-8100}

@@ -5,6 +5,7 @@
                                                       stop_token_ids=[im_end]))
     ...                       # a training step changes the (shared) weights in place
     engine.update_weights()   # the next generations carry the new weight_version
+    top = engine.prompt_logprobs(token_ids, k=64)   # top-k next-token log-probs per position
 
 Why not megatron-core's own inference path: 0.19.2's ``GatedDeltaNet`` raises on any
 ``inference_context`` (it keeps no conv or recurrent state), and its static-batching KV cache
@@ -40,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +53,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron_a1.model import gated_delta_rule as gdr_ops
 from megatron_a1.rollout.engine import Generation, SamplingParams
 
-__all__ = ["DecodeCache", "EmbeddedEngine", "sampling_probs"]
+__all__ = ["DecodeCache", "EmbeddedEngine", "PromptLogprobs", "sampling_probs"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +271,22 @@ def _row_seed(seed: int, index: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------
+class PromptLogprobs(NamedTuple):
+    """The model's next-token distribution at every position of a sequence of n tokens; row
+    ``t`` is the one after ``tokens[:t+1]`` (predicting ``tokens[t+1]``). What vLLM's
+    ``prompt_logprobs`` and SGLang's ``input_top_logprobs`` report (``rollout/server.py``)."""
+
+    ids: torch.Tensor
+    """[n-1, k] int64: the k most likely ids, descending log-prob (ties: lower id)."""
+    logprobs: torch.Tensor
+    """[n-1, k] float32: their log-probabilities."""
+    token_logprobs: torch.Tensor
+    """[n-1] float32: log-probability of the actual next token ``tokens[t+1]``."""
+    token_ranks: torch.Tensor
+    """[n-1] int64: its rank, 1 + the number of ids strictly more likely (vLLM's ``rank``)."""
+
+
+
 def _unwrap(model):
     """The ``HybridModel`` inside DDP / ``Float16Module`` wrappers (they hold it as ``module``)."""
     while hasattr(model, "module"):
@@ -445,6 +463,30 @@ class EmbeddedEngine:
                                        gdn.key_head_dim, gdn.value_head_dim,
                                        dtype=torch.float32, device=x.device)
         return cache.conv[i], cache.ssm[i]
+
+    # -- scoring -------------------------------------------------------------------------------
+    def prompt_logprobs(self, tokens: list[int], k: int) -> PromptLogprobs:
+        """Top-``k`` log-probs at every position of ``tokens`` (one full forward from an empty
+        cache). Log-softmax over the real vocabulary (``vocab_size``), as a server whose
+        tokenizer has ``vocab_size`` ids reports it."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("tokens is empty")
+        if min(tokens) < 0 or max(tokens) >= self.vocab_size:
+            raise ValueError(f"tokens has ids outside [0, {self.vocab_size})")
+        if n > self.max_context:
+            raise ValueError(f"{n} tokens; max_context is {self.max_context}")
+        if not 0 <= k <= self.vocab_size:
+            raise ValueError(f"k must be in [0, {self.vocab_size}], got {k}")
+        logits = self.forward(self.new_cache(1, n), [list(tokens)], all_logits=True)
+        logp = logits[:-1, : self.vocab_size].log_softmax(-1)  # [n-1, V]
+        # a stable sort keeps equal log-probs in id order: ties go to the lower id
+        values, ids = logp.sort(dim=-1, descending=True, stable=True)
+        nxt = torch.tensor(tokens[1:], dtype=torch.long, device=logp.device)[:, None]
+        token_lp = logp.gather(-1, nxt)  # [n-1, 1]
+        ranks = 1 + (logp > token_lp).sum(-1)
+        return PromptLogprobs(ids[:, :k].cpu(), values[:, :k].float().cpu(),
+                              token_lp[:, 0].float().cpu(), ranks.cpu())
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:

@@ -42,6 +42,41 @@ tagged with the client's :attr:`HTTPEngine.weight_version` when its request was 
 weight-sync client (:mod:`megatron_a1.rollout.weight_sync`) bumps after each successful update.
 A version that is not an integer (SGLang's initial ``"default"``) also falls back to the client's.
 
+Prompt log-probs (:meth:`HTTPEngine.prompt_topk`: a served OPD teacher's top-k next-token
+distribution at every position of a given sequence, ``megatron_a1/training/opd.py``).
+
+vLLM — ``POST /v1/completions`` (``CompletionRequest``/``CompletionResponse`` in
+vLLM's OpenAI protocol module; ``-inf`` clamped to -9999 by ``clamp_prompt_logprobs``)::
+
+    request   {"prompt": [int], "max_tokens": 1, "prompt_logprobs": k, "temperature": 0,
+               "model"?: str}
+    response  {"id", "object": "text_completion", "choices": [{"index": 0, "text",
+               "finish_reason", "prompt_logprobs": [null, {"<id>": {"logprob": float,
+               "rank": int, "decoded_token": str|null}}, ...]}], "usage", ...}
+
+  One entry per prompt position: entry ``j >= 1`` is the distribution after ``tokens[:j]``
+  (predicting token ``j``), entry 0 is null. Each holds the top-k ids (ranks 1..k) and the
+  actual prompt token with its vocabulary rank (``1 +`` the number of ids more likely), so k or
+  k + 1 entries; the client keeps the k most likely. The server needs ``--max-logprobs >= k``;
+  its default ``--logprobs-mode raw_logprobs`` computes them from the raw logits.
+
+SGLang — ``POST /generate`` (``GenerateReqInput``)::
+
+    request   {"input_ids": [int], "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+               "return_logprob": true, "logprob_start_len": 0, "top_logprobs_num": k,
+               "stream": false}
+    response  {"meta_info": {"input_top_logprobs": [null, [[logprob, id, text|null], ...], ...],
+               "input_token_logprobs": [[logprob|null, id, text|null]], ...}, ...}
+
+  ``input_top_logprobs[j]`` is the top-k after ``tokens[:j]`` (entry 0 null or empty). SGLang
+  runs a greedy request (temperature 0) at temperature 1, so these are the unscaled log-probs
+  (as with ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``, which the recipes set).
+
+Both answers become, per sequence of n tokens, ``ids [n-1, k]`` and ``logprobs [n-1, k]`` with
+row ``t`` the distribution predicting token ``t + 1``, sorted by descending log-prob (ties: lower
+id). Log-probs differ from the logits by one constant per row, which the SVA loss's top-k
+renormalisation cancels, so they stand in for the teacher's logits there.
+
 Failures. Each request has ``timeout_s`` (no byte from the server for that long fails the
 attempt). Connection errors, timeouts, 5xx, 408/429 and server-aborted requests
 (``finish_reason`` ``"abort"``: vLLM's ``/pause?mode=abort`` and SGLang's
@@ -54,12 +89,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
+
+import numpy as np
 
 from .engine import Generation, SamplingParams
 
@@ -245,6 +283,79 @@ def parse_sglang(answer, version: int) -> Generation:
                       weight_version=_version(meta.get("weight_version"), version))
 
 
+def vllm_prompt_request(tokens: list[int], k: int, model: str | None = None) -> dict:
+    body = {"prompt": list(tokens), "max_tokens": 1, "prompt_logprobs": k, "temperature": 0.0}
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+def sglang_prompt_request(tokens: list[int], k: int) -> dict:
+    return {"input_ids": list(tokens), "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+            "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": k,
+            "stream": False}
+
+
+def _topk_rows(rows: list[list[tuple[int, float]]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's (id, log-prob) candidates → the k most likely, descending (ties: lower id).
+
+    Returns ``ids [len(rows), k] int64`` and ``logprobs [len(rows), k] float32``. Raises
+    ``ValueError`` for a row with fewer than k candidates, a repeated id or a NaN.
+    """
+    width = max([k, *map(len, rows)])
+    ids = np.full((len(rows), width), np.iinfo(np.int64).max, dtype=np.int64)
+    lps = np.full((len(rows), width), -np.inf, dtype=np.float64)
+    for t, row in enumerate(rows):
+        if len(row) < k:
+            raise ValueError(f"position {t + 1} has {len(row)} log-probs, expected at least {k}")
+        if len({i for i, _ in row}) != len(row):
+            raise ValueError(f"position {t + 1} repeats a token id")
+        for j, (i, lp) in enumerate(row):
+            if i < 0 or math.isnan(lp):
+                raise ValueError(f"position {t + 1}: bad entry (id {i}, log-prob {lp})")
+            ids[t, j], lps[t, j] = i, lp
+    order = np.lexsort((ids, -lps), axis=-1)[:, :k]  # last key first: log-prob, then id
+    return (np.take_along_axis(ids, order, -1),
+            np.take_along_axis(lps, order, -1).astype(np.float32))
+
+
+def _prompt_rows(entries, n: int, what: str) -> list:
+    """The n - 1 per-position entries after the first (which predicts nothing)."""
+    if not isinstance(entries, list) or len(entries) != n:
+        got = len(entries) if isinstance(entries, list) else type(entries).__name__
+        raise ValueError(f"{what} must list one entry per prompt token ({n}), got {got}")
+    return entries[1:]
+
+
+def parse_vllm_prompt_topk(answer, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ids [n-1, k]``, ``logprobs [n-1, k]`` from a vLLM ``/v1/completions`` answer."""
+    try:
+        (choice,) = answer["choices"]
+        if choice.get("finish_reason") == "abort":
+            _aborted("finish_reason 'abort'")
+        rows = [[(int(i), float(v["logprob"])) for i, v in entry.items()]
+                for entry in _prompt_rows(choice["prompt_logprobs"], n, "prompt_logprobs")]
+        return _topk_rows(rows, k)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise EngineProtocolError(
+            f"malformed vLLM prompt_logprobs answer ({e!r}): {answer!r:.300}") from None
+
+
+def parse_sglang_prompt_topk(answer, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ids [n-1, k]``, ``logprobs [n-1, k]`` from an SGLang ``/generate`` answer."""
+    try:
+        meta = answer["meta_info"]
+        reason = meta.get("finish_reason") or {}
+        if (reason.get("type") if isinstance(reason, dict) else reason) == "abort":
+            _aborted(f"finish_reason {reason!r}")
+        rows = [[(int(e[1]), float(e[0])) for e in entry]
+                for entry in _prompt_rows(meta["input_top_logprobs"], n, "input_top_logprobs")]
+        return _topk_rows(rows, k)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise EngineProtocolError(
+            f"malformed SGLang input_top_logprobs answer ({e!r}): {answer!r:.300}") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------
@@ -302,6 +413,41 @@ class HTTPEngine:
         # Parsed inside the retry loop, so that a server-aborted generation is sent again.
         return self.client.request("POST", path, body, check=parse,
                                    before=lambda: self.weight_version)
+
+    def prompt_topk(self, sequences: list[list[int]], k: int
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The server model's top-k next-token distribution at every position of each sequence.
+
+        For a sequence of n tokens: ``ids [n-1, k] int64`` and ``logprobs [n-1, k] float32``,
+        row ``t`` the distribution after ``tokens[:t+1]`` (predicting token ``t+1``), sorted by
+        descending log-prob (ties: lower id). One request per sequence (a sequence of one token
+        needs none), ``max_in_flight`` at a time; in sequence order, the first failure raised.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if any(not seq for seq in sequences):
+            raise ValueError("every sequence needs at least one token")
+        pool = self._executor()
+        futures = [pool.submit(self.prompt_topk_one, seq, k) for seq in sequences]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def prompt_topk_one(self, tokens: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One sequence of :meth:`prompt_topk` (blocking, retried as documented)."""
+        n = len(tokens)
+        if n < 2:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        if self.backend == "vllm":
+            path, body = "/v1/completions", vllm_prompt_request(tokens, k, self.model)
+            parse = parse_vllm_prompt_topk
+        else:
+            path, body = "/generate", sglang_prompt_request(tokens, k)
+            parse = parse_sglang_prompt_topk
+        return self.client.request("POST", path, body, check=lambda a, _: parse(a, n, k))
 
     def health(self) -> bool:
         """Whether ``GET /health`` answers 200 (one attempt, no retries)."""

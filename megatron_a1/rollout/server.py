@@ -14,7 +14,14 @@ Routes (request/response fields as documented in :mod:`megatron_a1.rollout.http`
 ``GET  /health``                          200 ``{}``
 ``POST /inference/v1/generate``           vLLM ``GenerateRequest`` → ``GenerateResponse``, plus
                                           a top-level ``weight_version`` (our extension)
-``POST /generate``                        SGLang, one ``input_ids`` list per request
+``POST /generate``                        SGLang, one ``input_ids`` list per request; with
+                                          ``return_logprob``, ``logprob_start_len: 0`` and
+                                          ``top_logprobs_num: k``, also the prompt's
+                                          ``input_token_logprobs``/``input_top_logprobs``
+``POST /v1/completions``                  vLLM prompt scoring only: ``prompt`` token ids,
+                                          ``prompt_logprobs: k``, ``max_tokens`` 0 or 1
+                                          (``temperature``, ``model`` accepted) →
+                                          ``choices[0].prompt_logprobs``
 ``POST /pause?mode=abort|wait|keep``      vLLM pause; ``POST /resume``; ``GET /is_paused``
 ``POST /pause_generation {"mode"}``       SGLang pause; ``POST /continue_generation``
 ``POST /collective_rpc``                  vLLM, only ``{"method": "reload_weights", "kwargs":
@@ -32,6 +39,14 @@ the running request cannot be interrupted mid-generation here, so it finishes fi
 abort it too). ``mode=keep`` returns at once and leaves the queue as it is. SGLang's ``abort``
 maps to ``abort``, ``retract`` and ``in_place`` to ``keep``.
 
+Prompt log-probs (the two scoring forms above) need an engine with ``prompt_logprobs(tokens, k)``
+(:meth:`~megatron_a1.rollout.embedded.EmbeddedEngine.prompt_logprobs`); they queue and pause like
+generations, and an aborted one answers ``finish_reason`` ``"abort"`` with no log-probs. vLLM's
+per-position dict holds the top-k (ranks 1..k) plus the actual prompt token with its vocabulary
+rank when it is outside the top-k; ``decoded_token`` is null (no tokenizer here). SGLang's
+``output_top_logprobs`` (top-k of generated tokens) is not implemented: ``top_logprobs_num``
+needs ``logprob_start_len: 0``.
+
 Weight updates call ``reload(path)``, which must load the weights in ``path`` into the served
 engine (or return a new engine to serve from then on); it runs when no generation is running,
 paused or not. Without ``reload`` the update routes answer 400. Errors: a malformed request or an
@@ -43,6 +58,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -108,6 +124,23 @@ class ServedEngine:
         finally:
             self._release()
 
+    def score(self, prompt: list[int], k: int, sampling: SamplingParams | None):
+        """(prompt log-probs, generation or None, weight version) for one scoring request:
+        the engine's ``prompt_logprobs(prompt, k)``, then ``sampling`` continues the prompt
+        (none when it is None or the prompt fills the context). Raises :class:`_Aborted`."""
+        if not callable(getattr(self.engine, "prompt_logprobs", None)):
+            raise BadRequest("this server's engine does not compute prompt log-probs")
+        self._acquire(for_generation=True)
+        try:
+            top = self.engine.prompt_logprobs(prompt, k)
+            g = None
+            room = len(prompt) < getattr(self.engine, "max_context", float("inf"))
+            if sampling is not None and sampling.max_tokens > 0 and room:
+                (g,) = self.engine.generate([prompt], sampling)
+            return top, g, self.engine.weight_version
+        finally:
+            self._release()
+
     def pause(self, mode: str) -> None:
         with self.cond:
             self.paused = True
@@ -169,6 +202,34 @@ def _sampling(sp: Any, max_key: str, seed_key: str, default_max: int) -> Samplin
         raise BadRequest(f"bad sampling_params: {e}") from None
 
 
+_COMPLETION_FIELDS = {"model", "prompt", "prompt_logprobs", "max_tokens", "temperature", "stream"}
+
+
+def _count(value, name: str) -> int | None:
+    """A non-negative int field (None when absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadRequest(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _input_logprobs_k(body: dict) -> int | None:
+    """SGLang: the top-k asked for at every prompt position (0: the prompt tokens' own
+    log-probs only), or None when the request wants no prompt log-probs."""
+    start = body.get("logprob_start_len")
+    k = _count(body.get("top_logprobs_num"), "top_logprobs_num") or 0
+    if not body.get("return_logprob") or start in (None, -1):
+        if k:
+            raise BadRequest("top_logprobs_num is supported for the prompt only: send "
+                             "return_logprob true with logprob_start_len 0")
+        return None
+    if start != 0:
+        raise BadRequest(f"logprob_start_len must be 0 (every prompt position) or -1, got "
+                         f"{start!r}")
+    return k
+
+
 def _version_arg(value) -> int | None:
     if value is None:
         return None
@@ -204,6 +265,49 @@ def sglang_answer(g: Generation | None, version: int, prompt_len: int, want_logp
         meta["output_token_logprobs"] = [] if g is None else [
             [lp, t, None] for t, lp in zip(g.token_ids, g.logprobs)]
     return {"text": "", "output_ids": ids, "meta_info": meta}
+
+
+def _logprob(value) -> float:
+    return max(float(value), -9999.0)  # vLLM's clamp: JSON has no -inf
+
+
+def vllm_prompt_logprobs(top, prompt: list[int]) -> list:
+    """vLLM's ``prompt_logprobs``: null, then per position the top-k ``{"<id>": {"logprob",
+    "rank", "decoded_token"}}`` plus the actual token when it is outside the top-k."""
+    rows: list = [None]
+    for t, (ids, lps) in enumerate(zip(top.ids.tolist(), top.logprobs.tolist())):
+        row = {str(i): {"logprob": _logprob(lp), "rank": r + 1, "decoded_token": None}
+               for r, (i, lp) in enumerate(zip(ids, lps))}
+        row.setdefault(str(prompt[t + 1]), {"logprob": _logprob(top.token_logprobs[t]),
+                                            "rank": int(top.token_ranks[t]),
+                                            "decoded_token": None})
+        rows.append(row)
+    return rows
+
+
+def vllm_completion_answer(top, g: Generation | None, prompt: list[int], version: int,
+                           model: str | None, aborted: bool) -> dict:
+    ids = [] if g is None else g.token_ids
+    choice = {"index": 0, "text": "", "token_ids": ids, "logprobs": None, "stop_reason": None,
+              "finish_reason": "abort" if aborted else (g.finish_reason if g else "length"),
+              "prompt_logprobs": None if aborted else vllm_prompt_logprobs(top, prompt)}
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": model or "megatron-a1", "choices": [choice],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(ids),
+                      "total_tokens": len(prompt) + len(ids)},
+            "weight_version": str(version)}
+
+
+def sglang_input_logprobs(top, prompt: list[int], k: int) -> dict:
+    """SGLang's ``input_token_logprobs`` (and ``input_top_logprobs`` when ``k`` > 0), one entry
+    per prompt token, the first predicting nothing."""
+    meta = {"input_token_logprobs": [[None, prompt[0], None]] + [
+        [_logprob(lp), tok, None] for lp, tok in zip(top.token_logprobs.tolist(), prompt[1:])]}
+    if k:
+        meta["input_top_logprobs"] = [None] + [
+            [[_logprob(lp), i, None] for i, lp in zip(ids, lps)]
+            for ids, lps in zip(top.ids.tolist(), top.logprobs.tolist())]
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,6 +381,36 @@ class _Handler(BaseHTTPRequestHandler):
         g, v = self._generate(prompt, sampling)
         return 200, vllm_answer(g, v, want_logprobs=sp.get("logprobs") is not None)
 
+    def vllm_completions(self, query):
+        body = self._body()
+        extra = sorted(set(body) - _COMPLETION_FIELDS)
+        if extra:
+            raise BadRequest(f"unsupported field(s) {extra}: this server's /v1/completions only "
+                             "scores prompts (prompt token ids, prompt_logprobs, max_tokens <= 1, "
+                             "temperature, model)")
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                       and isinstance(prompt[0], (str, list))):
+            raise BadRequest("prompt must be one list of token ids (no tokenizer, no batches)")
+        prompt = _token_ids(prompt, "prompt")
+        k = _count(body.get("prompt_logprobs"), "prompt_logprobs")
+        if k is None:
+            raise BadRequest("prompt_logprobs is required: this server's /v1/completions only "
+                             "scores prompts")
+        max_tokens = _count(body.get("max_tokens"), "max_tokens")
+        if max_tokens is None or max_tokens > 1:
+            raise BadRequest(f"max_tokens must be 0 or 1 here (prompt scoring), got {max_tokens}")
+        if body.get("stream"):
+            raise BadRequest("stream is not supported")
+        sampling = _sampling({"temperature": body.get("temperature", 1.0)}, "max_tokens", "seed",
+                             default_max=1) if max_tokens else None
+        try:
+            top, g, v = self.server.state.score(prompt, k, sampling)
+            aborted = False
+        except _Aborted:
+            top, g, v, aborted = None, None, self.server.state.weight_version, True
+        return 200, vllm_completion_answer(top, g, prompt, v, body.get("model"), aborted)
+
     def vllm_pause(self, query):
         mode = (query.get("mode") or ["abort"])[0]
         if mode not in ("abort", "wait", "keep"):
@@ -315,8 +449,17 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = _token_ids(ids, "input_ids")
         sampling = _sampling(body.get("sampling_params") or {}, "max_new_tokens",
                              "sampling_seed", default_max=128)
-        g, v = self._generate(prompt, sampling)
-        return 200, sglang_answer(g, v, len(prompt), bool(body.get("return_logprob")))
+        k = _input_logprobs_k(body)
+        if k is None:
+            g, v = self._generate(prompt, sampling)
+            return 200, sglang_answer(g, v, len(prompt), bool(body.get("return_logprob")))
+        try:
+            top, g, v = self.server.state.score(prompt, k, sampling)
+        except _Aborted:
+            return 200, sglang_answer(None, self.server.state.weight_version, len(prompt), True)
+        answer = sglang_answer(g, v, len(prompt), True)
+        answer["meta_info"].update(sglang_input_logprobs(top, prompt, k))
+        return 200, answer
 
     def sglang_pause(self, query):
         mode = self._body().get("mode", "abort")
@@ -371,6 +514,7 @@ _ROUTES = {
     ("POST", "/collective_rpc"): _Handler.vllm_collective_rpc,
     ("POST", "/update_weight_version"): _Handler.vllm_update_weight_version,
     ("GET", "/weight_info"): _Handler.weight_info,
+    ("POST", "/v1/completions"): _Handler.vllm_completions,
     ("POST", "/generate"): _Handler.sglang_generate,
     ("POST", "/pause_generation"): _Handler.sglang_pause,
     ("POST", "/continue_generation"): _Handler.sglang_continue,

@@ -120,7 +120,16 @@ class OPDSection:
     """Domain → teacher checkpoint directory; each sample is scored by its domain's teacher."""
     teacher_topk: dict[str, str] = field(default_factory=dict)
     """Domain → precomputed teacher top-k store (``tools/precompute_teacher_topk.py``), for a
-    teacher that does not fit beside the student; a domain is in ``teachers`` or here."""
+    teacher that does not fit beside the student."""
+    teacher_servers: dict[str, str] = field(default_factory=dict)
+    """Domain → base URL of a vLLM/SGLang server of the teacher (e.g. ``http://node3:8100``),
+    asked each step for its top-``topk`` prompt log-probs on the step's rollouts
+    (``examples/serving/vllm_opd_teacher.sh``). The teacher needs the student's tokenizer; it
+    need not fit beside the student nor share its architecture. A domain has one teacher: it
+    is in exactly one of ``teachers``, ``teacher_topk`` and ``teacher_servers``."""
+    teacher_server_backend: Literal["vllm", "sglang"] = "vllm"
+    """Protocol of the ``teacher_servers``: vLLM ``/v1/completions`` ``prompt_logprobs`` or
+    SGLang ``/generate`` ``input_top_logprobs`` (``megatron_a1/rollout/http.py``)."""
     topk: int = 64
     """Salient-set size of the SVA loss."""
     chunk_size: int = 4096
@@ -195,13 +204,7 @@ class TrainConfig:
         if self.data.weights is not None and len(self.data.weights) != len(self.data.prefixes):
             raise ConfigError("data.weights: one weight per prefix")
         if t.stage == "opd":
-            if not (self.opd.teachers or self.opd.teacher_topk):
-                raise ConfigError("opd.teachers: map each domain to a teacher checkpoint (or to a "
-                                  "precomputed top-k store in opd.teacher_topk)")
-            both = sorted(set(self.opd.teachers) & set(self.opd.teacher_topk))
-            if both:
-                raise ConfigError(f"opd.teacher_topk: domains {both} are also in opd.teachers; "
-                                  "a domain has one teacher")
+            self._validate_teacher_kinds()
             for domain, path in self.opd.teacher_topk.items():
                 if not os.path.isfile(os.path.join(path, "manifest.json")):
                     raise ConfigError(f"opd.teacher_topk.{domain}: {path} is not a top-k store "
@@ -220,6 +223,27 @@ class TrainConfig:
             raise ConfigError("checkpoint.save_interval and train.exit_interval need checkpoint.dir")
         if self.model.bf16 and not _cuda():
             raise ConfigError("model.bf16 needs a GPU; set model.bf16=false on CPU")
+
+    def _validate_teacher_kinds(self) -> None:
+        """Every domain has exactly one teacher: co-located, precomputed or served."""
+        o = self.opd
+        kinds = {"teachers": o.teachers, "teacher_topk": o.teacher_topk,
+                 "teacher_servers": o.teacher_servers}
+        if not any(kinds.values()):
+            raise ConfigError("opd.teachers: map each domain to a teacher checkpoint (or to a "
+                              "precomputed top-k store in opd.teacher_topk, or to a teacher "
+                              "server's URL in opd.teacher_servers)")
+        seen: dict[str, str] = {}
+        for kind, by_domain in kinds.items():
+            for domain in sorted(by_domain):
+                if domain in seen:
+                    raise ConfigError(f"opd.{kind}: domain {domain!r} is also in "
+                                      f"opd.{seen[domain]}; a domain has one teacher")
+                seen[domain] = kind
+        for domain, url in o.teacher_servers.items():
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ConfigError(f"opd.teacher_servers.{domain}: give the teacher server's base "
+                                  f"URL (http://host:port), got {url!r}")
 
     def _validate_grpo(self) -> None:
         g = self.grpo
@@ -267,10 +291,11 @@ class TrainConfig:
         if r.samples_per_prompt < 1:
             raise ConfigError("rollout.samples_per_prompt must be >= 1")
         if self.train.stage == "opd":
-            missing = set(r.tasks) - set(self.opd.teachers) - set(self.opd.teacher_topk)
+            o = self.opd
+            missing = set(r.tasks) - set(o.teachers) - set(o.teacher_topk) - set(o.teacher_servers)
             if missing:
                 raise ConfigError(f"rollout.tasks: domains {sorted(missing)} have no teacher in "
-                                  "opd.teachers")
+                                  "opd.teachers, opd.teacher_topk or opd.teacher_servers")
 
 
 def _cuda() -> bool:

@@ -26,11 +26,21 @@ A teacher that does not fit beside the student is replaced by its precomputed to
 :mod:`megatron_a1.training.teacher_topk`): the documents of those domains are scored by
 :func:`a1_kernels.sva.sva_from_topk` from the stored ids and teacher logits and the student's
 logits at those ids only. Same ℓ_t, same weights.
+
+A teacher can also be served (``opd.teacher_servers``: domain → vLLM/SGLang URL,
+:class:`ServedTeacher`): in ``prepare`` each rank asks the server for the top-k prompt log-probs
+of its own micro-batches' documents of those domains (one request per document with loss
+tokens, all of the step's in flight together), and they are scored like a store's rows. The
+log-probs stand in for the teacher logits: on the salient set they differ by one constant per
+position, which the renormalisation on S cancels (``a1_kernels.sva.from_topk.set_loss`` takes a
+``log_softmax`` of the teacher values). The teacher may have any architecture and layout, but
+must share the student's tokenizer.
 """
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
@@ -81,37 +91,132 @@ def final_hidden(model, batch: dict) -> torch.Tensor:
     return hidden[:, 0]  # [T, 1, H] -> [T, H]
 
 
+class ServedTeacher:
+    """A teacher behind a vLLM/SGLang server: its top-k prompt log-probs at the loss positions.
+
+    ``fetch`` (in :meth:`OPDStage.prepare`) requests them for the rows to score of a step's
+    micro-batches and attaches them to each batch; ``gather`` reads them back, with the
+    signature of :meth:`~megatron_a1.training.teacher_topk.TeacherTopkStore.gather`. Each rank
+    asks for its own micro-batches (tensor-parallel ranks share theirs, so they ask the same).
+    """
+
+    KEY = "served_teacher_topk"
+    """Batch key: ``{url: (rows [R], ids [R, k] int64, logprobs [R, k] float32)}``."""
+
+    def __init__(self, url: str, backend: str, vocab_size: int, *, timeout_s: float = 600.0,
+                 max_retries: int = 3, max_in_flight: int = 64):
+        from megatron_a1.rollout.http import HTTPEngine
+
+        self.url, self.vocab_size = url, vocab_size
+        self.engine = HTTPEngine(url, backend=backend, timeout_s=timeout_s,
+                                 max_retries=max_retries, max_in_flight=max_in_flight)
+
+    def fetch(self, batches: list[dict], rows: list[torch.Tensor], topk: int) -> None:
+        """Ask the server about every document holding some of ``rows[b]`` (sorted [R_b] indices
+        into batch ``b``'s pack) and attach the teacher's top-``topk`` at those rows.
+
+        A row is a loss position ``t`` of its document, the one whose label is token ``t + 1``;
+        the server's row ``t`` predicts exactly that token. A document is sent up to its last
+        such position's label: later tokens cannot change the rows scored.
+        """
+        docs = []  # (batch, first pack row of the document, its positions to score)
+        for b, (batch, r) in enumerate(zip(batches, rows)):
+            cu, r = batch["cu_seqlens"].cpu().numpy(), r.cpu().numpy()
+            doc_of = np.searchsorted(cu, r, side="right") - 1
+            for i in np.unique(doc_of):
+                pos = r[doc_of == i] - cu[i]
+                if pos[-1] + 1 >= cu[i + 1] - cu[i]:
+                    raise ValueError(f"document {i} of a micro-batch has a loss position without "
+                                     "a next token (its label)")
+                docs.append((b, int(cu[i]), pos))
+        answers = self.engine.prompt_topk(
+            [batches[b]["tokens"][0, s:s + int(pos[-1]) + 2].tolist() for b, s, pos in docs], topk)
+        for b, (batch, r) in enumerate(zip(batches, rows)):
+            ids = [np.zeros((0, topk), np.int64)]
+            logprobs = [np.zeros((0, topk), np.float32)]
+            for (d_b, _, pos), (d_ids, d_logprobs) in zip(docs, answers):
+                if d_b == b:  # documents in pack order, so rows stay in order
+                    self._check_vocab(d_ids)
+                    ids.append(d_ids[pos])
+                    logprobs.append(d_logprobs[pos])
+            batch.setdefault(self.KEY, {})[self.url] = (
+                r.cpu(), torch.from_numpy(np.concatenate(ids)),
+                torch.from_numpy(np.concatenate(logprobs)))
+
+    def gather(self, batch: dict, rows: torch.Tensor, topk: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher ids [R, topk] (int64) and log-probs [R, topk] (fp32) at ``rows`` (the rows
+        ``fetch`` was given for this batch)."""
+        fetched, ids, logprobs = batch[self.KEY][self.url]
+        if not torch.equal(fetched, rows.cpu()) or ids.shape[1] != topk:
+            raise RuntimeError(f"teacher server {self.url}: the micro-batch's rows or k changed "
+                               "after prepare")
+        return ids, logprobs
+
+    def _check_vocab(self, ids: np.ndarray) -> None:
+        if ids.size and int(ids.max()) >= self.vocab_size:
+            raise ValueError(
+                f"teacher server {self.url} returned token id {int(ids.max())}, outside the "
+                f"student's vocabulary of {self.vocab_size} (opd.real_vocab_size, else the "
+                "model's vocab_size): does it serve a model with the student's tokenizer?")
+
+
+def build_servers(cfg, vocab_size: int) -> dict[str, ServedTeacher]:
+    """Domain → :class:`ServedTeacher` for ``cfg.opd.teacher_servers`` (one per distinct URL).
+
+    ``vocab_size``: the student's LM-head rows (padded); ids must be below
+    ``opd.real_vocab_size`` when set, else below that.
+    """
+    by_url: dict[str, ServedTeacher] = {}
+    vocab = cfg.opd.real_vocab_size or vocab_size
+    for domain, url in sorted(cfg.opd.teacher_servers.items()):
+        if url not in by_url:
+            by_url[url] = ServedTeacher(url, cfg.opd.teacher_server_backend, vocab)
+    return {d: by_url[u] for d, u in cfg.opd.teacher_servers.items()}
+
+
 class OPDStage:
     """``forward_step`` for megatron-core's schedules, plus ``prepare`` for the domain weights."""
 
     name = "opd"
+    server_groups: tuple = ()
+    """(served teacher, its domains) pairs, set by ``__init__``; their top-k is fetched in
+    ``prepare``."""
 
     def __init__(self, cfg, rt, teachers: dict[str, torch.nn.Module], vocab_size: int | None,
-                 stores: dict | None = None):
+                 stores: dict | None = None, servers: dict | None = None):
         """``teachers``: domain → co-located model; ``stores``: domain → bound
-        :class:`~megatron_a1.training.teacher_topk.TeacherTopkStore`; a domain is in one."""
+        :class:`~megatron_a1.training.teacher_topk.TeacherTopkStore`; ``servers``: domain →
+        :class:`ServedTeacher`; a domain is in one."""
         self.cfg, self.teachers, self.vocab_size = cfg, teachers, vocab_size
-        self.stores = stores or {}
-        if set(self.teachers) & set(self.stores):
-            raise ValueError(f"domains {sorted(set(self.teachers) & set(self.stores))} have both "
-                             "a co-located teacher and a teacher top-k store")
-        self.domains = sorted({**self.teachers, **self.stores})
+        self.stores, self.servers = stores or {}, servers or {}
+        kinds = (self.teachers, self.stores, self.servers)
+        twice = sorted(d for i, a in enumerate(kinds) for b in kinds[i + 1:]
+                       for d in set(a) & set(b))
+        if twice:
+            raise ValueError(f"domains {twice} have more than one teacher (co-located, top-k "
+                             "store, server)")
+        self.domains = sorted({**self.teachers, **self.stores, **self.servers})
         self.teacher_groups = self._group(self.teachers)
-        self.store_groups = self._group(self.stores)
+        # teachers known by their top-k only (precomputed or served): scored alike
+        self.topk_groups = self._group(self.stores) + self._group(self.servers)
+        self.server_groups = self._group(self.servers)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.metrics: dict = {}
 
     def prepare(self, micro_batches: list[dict]) -> None:
-        """Attach ``sva_weight`` [T] (the w_t above) to each micro-batch of this step."""
+        """Attach ``sva_weight`` [T] (the w_t above) to each micro-batch of this step, and the
+        served teachers' top-k at the rows they score (:meth:`ServedTeacher.fetch`)."""
         dp_group = parallel_state.get_data_parallel_group()
         responses = [self._response_counts(b) for b in micro_batches]
         counts = torch.zeros(len(self.domains), dtype=torch.float64)
         for b, per_doc in zip(micro_batches, responses):
             for d, n_resp in zip(b["domains"], per_doc):
                 if d not in self.domains:
-                    raise KeyError(f"document domain {d!r} has no teacher; opd.teachers and "
-                                   f"opd.teacher_topk have {self.domains}")
+                    raise KeyError(f"document domain {d!r} has no teacher; opd.teachers, "
+                                   f"opd.teacher_topk and opd.teacher_servers have "
+                                   f"{self.domains}")
                 if n_resp:
                     counts[self.domains.index(d)] += 1
         torch.distributed.all_reduce(counts, group=dp_group)
@@ -125,6 +230,9 @@ class OPDStage:
                     s, e = int(cu[i]), int(cu[i + 1])
                     w[s:e] = mask[s:e] / (present * counts[self.domains.index(d)] * n_resp)
             b["sva_weight"], b["sva_scale"] = w, scale
+        for server, domains in self.server_groups:
+            server.fetch(micro_batches, [self._rows_of(b, domains).nonzero().squeeze(1)
+                                         for b in micro_batches], self.cfg.opd.topk)
         self.metrics = {f"samples/{d}": float(c) for d, c in zip(self.domains, counts)}
         self._present = present
         self._domain_loss = torch.zeros(len(self.domains), dtype=torch.float64)
@@ -158,8 +266,8 @@ class OPDStage:
                 teacher = final_hidden(path_model, batch)
             token_loss = token_loss + self._sva(student, teacher, w_s,
                                                 path_model.output_layer.weight, batch, domains)
-        for store, domains in self.store_groups:
-            token_loss = token_loss + self._sva_from_store(student, w_s, store, batch, domains)
+        for source, domains in self.topk_groups:
+            token_loss = token_loss + self._sva_from_topk(student, w_s, source, batch, domains)
         weight = batch["sva_weight"]
         weighted = token_loss * weight
         loss_sum = weighted.sum() * batch["sva_scale"]
@@ -200,13 +308,16 @@ class OPDStage:
         return (not getattr(w_s, "sequence_parallel", False)
                 and not self.cfg.parallel.sequence_parallel)
 
-    def _sva_from_store(self, student, w_s, store, batch, domains: set[str]):
-        """ℓ_t of the documents of ``domains`` from the store's teacher top-k."""
+    def _sva_from_topk(self, student, w_s, source, batch, domains: set[str]):
+        """ℓ_t of the documents of ``domains`` from a teacher known by its top-k: a store
+        (ids, logits) or a server (ids, log-probs, which ``sva_from_topk`` takes as logits)."""
         rows = self._rows_of(batch, domains).nonzero().squeeze(1)
         loss = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
         if not rows.numel():  # the same on every TP rank: they share the micro-batch
             return loss
-        ids, logits = store.gather(batch, rows, self.cfg.opd.topk)
+        ids, logits = source.gather(batch, rows, self.cfg.opd.topk)
+        # Served log-probs are the logits minus log Z per row; sva_from_topk's set_loss takes a
+        # log_softmax of the teacher values over S, which cancels any per-row constant.
         part = sva_from_topk(student[rows], w_s, ids.to(student.device), logits,
                              tp_group=self.tp_group if self.tp > 1 else None,
                              reduce_hidden_grad=self._reduce_hidden_grad(w_s),

@@ -59,11 +59,12 @@ def make_stage(cfg, rt, info, model: list):
         return Stage("sft", sft_forward_step)
     if cfg.train.stage == "opd":
         from megatron_a1.training.model_setup import build_model_chunks
-        from megatron_a1.training.opd import OPDStage, build_teachers
+        from megatron_a1.training.opd import OPDStage, build_servers, build_teachers
         from megatron_a1.training.teacher_topk import build_stores
 
         return OPDStage(cfg, rt, build_teachers(cfg, rt, build_model_chunks),
-                        cfg.opd.real_vocab_size, stores=build_stores(cfg, info.vocab_size))
+                        cfg.opd.real_vocab_size, stores=build_stores(cfg, info.vocab_size),
+                        servers=build_servers(cfg, info.vocab_size))
     from megatron_a1.training.grpo import GRPOStage, build_reference
     from megatron_a1.training.model_setup import build_model_chunks
 
