@@ -104,6 +104,14 @@ def test_online_config_errors(tmp_path):
     cfg = load_config(TrainConfig, None, over + ["rollout.engine=vllm"])
     with pytest.raises(ConfigError, match="rollout.url"):
         cfg.validate(1)
+    server = ["rollout.url=http://x:1", "rollout.weight_transfer=distributed"]
+    cfg = load_config(TrainConfig, None, over + server + ["rollout.engine=vllm"])
+    with pytest.raises(ConfigError, match="broadcasts to SGLang"):
+        cfg.validate(1)
+    cfg = load_config(TrainConfig, None, over + server + [
+        "rollout.engine=sglang", "rollout.max_staleness=1", "checkpoint.keep_last=2"])
+    with pytest.raises(ConfigError, match="keep at least 3"):
+        cfg.validate(1)
     cfg = load_config(TrainConfig, None, over + ["rollout.max_staleness=-1"])
     with pytest.raises(ConfigError, match="max_staleness"):
         cfg.validate(1)
@@ -112,13 +120,32 @@ def test_online_config_errors(tmp_path):
         cfg.validate(1)
 
 
-def test_online_grpo_from_a_vllm_protocol_server_syncs_weights(init, tmp_path):
-    """The policy is served by tools/serve_embedded.py (vLLM's token-in/token-out protocol);
-    after each step whose weights sample a later step the trainer exports them to HF and the
-    server reloads them: the next step's rollouts carry that version."""
+def _serve(hf: str, log):
+    """tools/serve_embedded.py on ``hf`` in a process of its own; (process, URL)."""
     import re
     import subprocess
     import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    server = subprocess.Popen([sys.executable, os.path.join(root, "tools", "serve_embedded.py"),
+                               "--checkpoint", hf, "--port", "0", "--seed", "0"],
+                              stdout=subprocess.PIPE, stderr=log, text=True)
+    lines = []
+    while not (found := re.search(r"serving .* at (http://\S+)", lines[-1] if lines else "")):
+        lines.append(server.stdout.readline())
+        if not lines[-1]:  # EOF: the server exited
+            log.seek(0)
+            server.wait()
+            pytest.fail("serve_embedded exited:\n" + "".join(lines) + log.read()[-3000:])
+    return server, found.group(1)
+
+
+def test_online_grpo_from_a_server_syncs_weights_by_disk_and_by_broadcast_alike(init, tmp_path):
+    """The policy is served by tools/serve_embedded.py. After each step whose weights sample a
+    later step the server gets them: over vLLM's protocol from an HF export it reloads, over
+    SGLang's by a broadcast from the checkpoint (update_weights_from_distributed, gloo). The
+    next step's rollouts carry that version, and both ways sample the same episodes."""
+    import urllib.request
 
     from megatron_a1.model.config import preset
     from megatron_a1.training import checkpoint as ckpt
@@ -127,30 +154,25 @@ def test_online_grpo_from_a_vllm_protocol_server_syncs_weights(init, tmp_path):
     hf = str(tmp_path / "hf_init")
     config = preset("tiny_test").replace(vocab_size=248320, router_aux_loss_coef=0.0)
     export_hf(ckpt.latest_checkpoint(init), hf, config.to_hf_config_dict())
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    log = open(tmp_path / "server.log", "w+")
-    server = subprocess.Popen([sys.executable, os.path.join(root, "tools", "serve_embedded.py"),
-                               "--checkpoint", hf, "--port", "0", "--seed", "0"],
-                              stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        lines = []
-        while not (found := re.search(r"serving .* at (http://\S+)", lines[-1] if lines else "")):
-            lines.append(server.stdout.readline())
-            if not lines[-1]:  # EOF: the server exited
-                log.seek(0)
-                pytest.fail("serve_embedded exited:\n" + "".join(lines) + log.read()[-3000:])
-        url = found.group(1)
-        run_multirank(train_body, 1, args=(online_overrides(
-            tmp_path, init, extra=["rollout.engine=vllm", f"rollout.url={url}"]),))
-        records = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
-        assert {r["step"]: r["weight_version"]["min"] for r in records} == {1: 0, 2: 1}
-        # the export of step 1 (the server's current weights); the step-0 export was never made
-        assert os.listdir(tmp_path / "ck" / "hf_export") == ["step_0000001"]
-        assert os.path.isfile(tmp_path / "ck" / "hf_export" / "step_0000001" / "config.json")
-        import urllib.request
-
-        info = json.loads(urllib.request.urlopen(url + "/weight_info", timeout=30).read())
-        assert info.get("weight_version") in (1, "1"), info  # step 2's weights sample nothing
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    records = {}
+    for engine, transfer in (("vllm", "disk"), ("sglang", "distributed")):
+        root = tmp_path / transfer
+        root.mkdir()
+        server, url = _serve(hf, open(root / "server.log", "w+"))
+        try:
+            run_multirank(train_body, 1, args=(online_overrides(root, init, extra=[
+                f"rollout.engine={engine}", f"rollout.url={url}",
+                f"rollout.weight_transfer={transfer}", "rollout.transfer_address=127.0.0.1"]),))
+            records[transfer] = [json.loads(line) for line in open(root / "rollouts.jsonl")]
+            info = json.loads(urllib.request.urlopen(url + "/weight_info", timeout=30).read())
+            assert info.get("weight_version") in (1, "1"), info  # step 2's weights sample nothing
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        versions = {r["step"]: r["weight_version"]["min"] for r in records[transfer]}
+        assert versions == {1: 0, 2: 1}
+    # disk: the export of step 1 (the server's current weights); broadcast: no export at all
+    assert os.listdir(tmp_path / "disk" / "ck" / "hf_export") == ["step_0000001"]
+    assert not os.path.exists(tmp_path / "distributed" / "ck" / "hf_export")
+    for key in ("tokens", "logprobs", "rewards"):
+        assert [r[key] for r in records["disk"]] == [r[key] for r in records["distributed"]], key

@@ -13,7 +13,10 @@ what ``tools/convert_checkpoint.py mcore-to-hf`` writes) or a ``dist_checkpointi
 written by ``tools/convert_checkpoint.py hf-to-mcore`` (its ``hf_conversion.json`` names the
 architecture). Weight updates (``POST /collective_rpc`` ``reload_weights`` for vLLM clients,
 ``POST /update_weights_from_disk`` for SGLang clients) take either kind of directory, of the same
-architecture, and bump the weight version. Routes and semantics: ``megatron_a1/rollout/server.py``.
+architecture, and bump the weight version. SGLang's distributed updates
+(``/init_weights_update_group`` + ``/update_weights_from_distributed``, sent by
+``python -m megatron_a1.rollout.weight_transfer``) are received over gloo. Routes and semantics:
+``megatron_a1/rollout/server.py``.
 """
 from __future__ import annotations
 
@@ -79,6 +82,30 @@ def build_engine(*, preset: str | None = "tiny", seed: int = 0, checkpoint: str 
     return EmbeddedEngine(model.eval(), vocab_size=vocab_size, seed=seed, max_context=max_len)
 
 
+def tensor_loader(model, config):
+    """``load_tensors`` for the server's distributed updates: once the HF-named tensors received
+    make a whole model (either expert layout), load them into ``model``."""
+    from megatron_a1.model import convert
+
+    layouts = [set(convert.mapping(config, per_expert=p).hf_names()) for p in (False, True)]
+
+    def load(received: dict) -> bool:
+        names = next((n for n in layouts if n <= received.keys()), None)
+        if names is None:
+            return False
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = convert.HFWriter(tmp, max_shard_bytes=2**40)
+            for name in sorted(names):
+                writer.add(name, received[name])
+            writer.close()
+            with open(os.path.join(tmp, convert.HF_CONFIG), "w") as f:
+                json.dump(config.to_hf_config_dict(), f)
+            load_weights(model, tmp)
+        return True
+
+    return load
+
+
 def vocab_size(engine) -> int:
     return engine.vocab_size
 
@@ -112,7 +139,12 @@ def main(argv=None) -> int:
         def reload(path: str):
             load_weights(engine.model, path)
 
-        server = make_server(engine, args.host, args.port, reload=reload, verbose=args.verbose)
+        from megatron_a1.model.config import preset as get_preset
+
+        config = _architecture(args.checkpoint) if args.checkpoint else get_preset(args.preset)
+        server = make_server(engine, args.host, args.port, reload=reload,
+                             load_tensors=tensor_loader(engine.model, config),
+                             verbose=args.verbose)
         print(f"serving {args.checkpoint or 'random ' + args.preset} at {server.url} "
               f"(vLLM: /inference/v1/generate, SGLang: /generate)", flush=True)
         try:

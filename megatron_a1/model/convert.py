@@ -445,9 +445,24 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: dict | None = None
     ``hf_conversion.json`` this module wrote next to the checkpoint. Tensor dtypes: ``dtype``
     if given, else the HF dtypes recorded at conversion, else the checkpoint's.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    cfg, hf_config, tensors = iter_hf_tensors(ckpt_dir, hf_config=hf_config, dtype=dtype)
+    writer = HFWriter(out_dir, max_shard_bytes)
+    count = 0
+    for name, t in tensors:
+        writer.add(name, t)
+        count += 1
+    writer.close()
+    with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    log(f"wrote {count} tensors ({writer.total / 2**20:.1f} MiB) to {out_dir}")
+    return cfg
 
+
+def iter_hf_tensors(ckpt_dir: str, *, hf_config: dict | None = None,
+                    dtype: torch.dtype | None = None):
+    """``(config, hf_config, tensors)``: ``tensors`` yields ``(HF name, tensor)`` of a
+    ``dist_checkpointing`` checkpoint one at a time (the peak is one full tensor), for writing
+    safetensors or streaming to an inference server. Arguments as :func:`megatron_to_hf`."""
     sidecar = {}
     if os.path.exists(os.path.join(ckpt_dir, SIDECAR)):
         with open(os.path.join(ckpt_dir, SIDECAR)) as f:
@@ -458,7 +473,12 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: dict | None = None
     cfg = A1ModelConfig.from_hf_config(hf_config)
     table = mapping(cfg, hf_prefix=sidecar.get("hf_prefix", "model."),
                     per_expert=sidecar.get("per_expert", False))
-    hf_dtypes = sidecar.get("hf_dtypes", {})
+    return cfg, hf_config, _stream(ckpt_dir, table, sidecar.get("hf_dtypes", {}), dtype)
+
+
+def _stream(ckpt_dir: str, table: Mapping, hf_dtypes: dict, dtype):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     rt = _ensure_single_process()
     meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
@@ -466,16 +486,14 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: dict | None = None
     _check({k: tuple(v.global_shape) for k, v in meta.items() if not k.startswith("optimizer.")},
            {r.key: r.shape for r in table.rules}, f"checkpoint {ckpt_dir}")
 
-    writer = HFWriter(out_dir, max_shard_bytes)
     pieces: dict[str, list] = {}  # HF tensors assembled from row slices of several keys
     expected_pieces = {}
     for r in table.rules:
         if isinstance(r.to_hf, _RowSlice):
             expected_pieces[r.hf[0]] = expected_pieces.get(r.hf[0], 0) + 1
 
-    def emit(name, t):
-        target = dtype or _ST_DTYPES.get(hf_dtypes.get(name, ""), t.dtype)
-        writer.add(name, t.to(target))
+    def out(name, t):
+        return name, t.to(dtype or _ST_DTYPES.get(hf_dtypes.get(name, ""), t.dtype))
 
     for r in table.rules:
         md = meta[r.key]
@@ -488,17 +506,14 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: dict | None = None
             name = r.hf[0]
             pieces.setdefault(name, []).extend(outs)
             if len(pieces[name]) == expected_pieces[name]:
-                emit(name, torch.cat([x for _, x in sorted(pieces.pop(name), key=lambda p: p[0])]))
+                yield out(name, torch.cat([x for _, x in sorted(pieces.pop(name),
+                                                                key=lambda p: p[0])]))
         else:
             for name, x in zip(r.hf, outs):
-                emit(name, x)
+                yield out(name, x)
         del t, loaded, buf, outs
-    writer.close()
-    with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
-        json.dump(hf_config, f, indent=2)
     if rt is not None:
         from megatron_a1.runtime import destroy
 
         destroy()
-    log(f"wrote {len(table.hf_names())} tensors ({writer.total / 2**20:.1f} MiB) to {out_dir}")
-    return cfg
+

@@ -29,6 +29,10 @@ Routes (request/response fields as documented in :mod:`megatron_a1.rollout.http`
 ``POST /update_weight_version``           vLLM ``{"new_version": "N"}``; ``GET /weight_info``
 ``POST /update_weights_from_disk``        SGLang ``{"model_path", "weight_version"?}``
 ``GET  /model_info``                      SGLang ``{"weight_version", ...}``
+``POST /init_weights_update_group``       SGLang distributed updates
+``POST /update_weights_from_distributed`` (:mod:`megatron_a1.rollout.weight_transfer`): join the
+``POST /destroy_weights_update_group``    sender's group, receive its broadcasts, load them
+``GET  /get_server_info``                 ``{"tp_size": 1, "pp_size": 1, "dp_size": 1, ...}``
 ========================================  ======================================================
 
 Pause semantics (vLLM's, as ``AsyncLLM.pause_generation`` documents them): while paused, new
@@ -82,8 +86,11 @@ class _Aborted(Exception):
 class ServedEngine:
     """The engine, its version and the pause/queue state shared by the handler threads."""
 
-    def __init__(self, engine: Engine, reload: Callable[[str], Engine | None] | None = None):
-        self.engine, self.reload_fn = engine, reload
+    def __init__(self, engine: Engine, reload: Callable[[str], Engine | None] | None = None,
+                 load_tensors: Callable[[dict], bool] | None = None):
+        self.engine, self.reload_fn, self.load_tensors_fn = engine, reload, load_tensors
+        self.groups: dict[str, Any] = {}  # weight-transfer process groups by name
+        self.received: dict[str, Any] = {}  # tensors broadcast so far, by HF name
         self.cond = threading.Condition()
         self.busy = False  # a generation or a reload is running
         self.paused = False
@@ -167,6 +174,37 @@ class ServedEngine:
             old = self.engine.weight_version
             if new_engine is not None:
                 self.engine = new_engine
+            self.engine.weight_version = old + 1 if version is None else version
+            return self.engine.weight_version
+        finally:
+            self._release()
+
+    def receive(self, group_name: str, names: list[str], dtypes: list[str],
+                shapes: list[list[int]], version: int | None) -> int | None:
+        """Receive one bucket of broadcast tensors; once they make a whole model, load them
+        (between generations) and return the new version, else None."""
+        import torch
+
+        from .weight_transfer import broadcast
+
+        if self.load_tensors_fn is None:
+            raise BadRequest("this server was started without a weight loader")
+        pg = self.groups.get(group_name)
+        if pg is None:
+            raise BadRequest(f"no weight update group {group_name!r}: call "
+                             "/init_weights_update_group first")
+        if not (len(names) == len(dtypes) == len(shapes)):
+            raise BadRequest("names, dtypes and shapes must have the same length")
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            t = torch.empty([int(x) for x in shape], dtype=getattr(torch, dtype))
+            broadcast(pg, t)
+            self.received[name] = t
+        self._acquire(for_generation=False)
+        try:
+            if not self.load_tensors_fn(self.received):
+                return None
+            self.received = {}
+            old = self.engine.weight_version
             self.engine.weight_version = old + 1 if version is None else version
             return self.engine.weight_version
         finally:
@@ -488,6 +526,45 @@ class _Handler(BaseHTTPRequestHandler):
         return 200, {"success": True, "message": f"loaded {path} as version {new}",
                      "num_paused_requests": 0}
 
+    def sglang_init_group(self, query):
+        from .weight_transfer import join_group
+
+        b = self._body()
+        try:
+            name = str(b.get("group_name", "weight_update_group"))
+            pg = join_group(backend=str(b.get("backend", "nccl")),
+                            address=str(b["master_address"]), port=int(b["master_port"]),
+                            rank=int(b["rank_offset"]), world_size=int(b["world_size"]),
+                            group_name=name)
+        except (KeyError, TypeError) as e:
+            raise BadRequest(f"init_weights_update_group: {e}") from None
+        except Exception as e:  # noqa: BLE001 - SGLang answers success=false
+            return 400, {"success": False, "message": f"{type(e).__name__}: {e}"}
+        self.server.state.groups[name] = pg
+        return 200, {"success": True, "message": f"joined weight update group {name}"}
+
+    def sglang_update_from_distributed(self, query):
+        b = self._body()
+        try:
+            new = self.server.state.receive(
+                str(b.get("group_name", "weight_update_group")), list(b["names"]),
+                list(b["dtypes"]), list(b["shapes"]), _version_arg(b.get("weight_version")))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise BadRequest(f"update_weights_from_distributed: {e}") from None
+        message = "received" if new is None else f"loaded as version {new}"
+        return 200, {"success": True, "message": message}
+
+    def sglang_destroy_group(self, query):
+        name = str(self._body().get("group_name", "weight_update_group"))
+        pg = self.server.state.groups.pop(name, None)
+        if pg is None:
+            return 400, {"success": False, "message": f"no weight update group {name!r}"}
+        return 200, {"success": True, "message": f"left weight update group {name}"}
+
+    def server_info(self, query):
+        return 200, {"tp_size": 1, "pp_size": 1, "dp_size": 1,
+                     "weight_version": str(self.server.state.weight_version)}
+
     # --- shared -------------------------------------------------------------------------------
     def _generate(self, prompt, sampling):
         try:
@@ -520,6 +597,10 @@ _ROUTES = {
     ("POST", "/continue_generation"): _Handler.sglang_continue,
     ("POST", "/update_weights_from_disk"): _Handler.sglang_update_from_disk,
     ("GET", "/model_info"): _Handler.weight_info,
+    ("GET", "/get_server_info"): _Handler.server_info,
+    ("POST", "/init_weights_update_group"): _Handler.sglang_init_group,
+    ("POST", "/update_weights_from_distributed"): _Handler.sglang_update_from_distributed,
+    ("POST", "/destroy_weights_update_group"): _Handler.sglang_destroy_group,
 }
 
 
@@ -540,7 +621,13 @@ class EngineHTTPServer(ThreadingHTTPServer):
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, *,
                 reload: Callable[[str], Engine | None] | None = None,
+                load_tensors: Callable[[dict], bool] | None = None,
                 verbose: bool = False) -> EngineHTTPServer:
-    """An HTTP server for ``engine`` (not yet serving: call ``serve_forever()``)."""
-    return EngineHTTPServer((host, port), ServedEngine(engine, reload), verbose=verbose)
+    """An HTTP server for ``engine`` (not yet serving: call ``serve_forever()``).
+
+    ``reload(path)`` serves the disk updates; ``load_tensors(tensors)`` the distributed ones:
+    given every HF-named tensor received so far, it loads them and returns True once they are a
+    whole model (else False: more buckets are coming)."""
+    return EngineHTTPServer((host, port), ServedEngine(engine, reload, load_tensors),
+                            verbose=verbose)
 

@@ -285,6 +285,16 @@ class TrainConfig:
         if r.max_staleness < 0:
             raise ConfigError("rollout.max_staleness must be >= 0 (0: sample each step with the "
                               "newest weights)")
+        if r.weight_transfer == "distributed":
+            if r.engine != "sglang":
+                raise ConfigError("rollout.weight_transfer=distributed broadcasts to SGLang "
+                                  "(update_weights_from_distributed); vLLM servers take "
+                                  "rollout.weight_transfer=disk")
+            keep = self.checkpoint.keep_last
+            if 0 < keep < r.max_staleness + 2:
+                raise ConfigError(f"checkpoint.keep_last={keep}: the distributed weight transfer "
+                                  "streams a checkpoint up to rollout.max_staleness steps after it "
+                                  f"is written; keep at least {r.max_staleness + 2} (or 0: all)")
         for domain, path in r.tasks.items():
             if path != "bundled" and not os.path.isfile(path):
                 raise ConfigError(f"rollout.tasks.{domain}: {path} not found (or use 'bundled')")

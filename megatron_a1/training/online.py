@@ -90,8 +90,15 @@ class RolloutSection:
     sync_interval: int = 1
     """vllm/sglang: push the policy's weights to the server every N steps (the disk path: a
     checkpoint, its HF export, the server's reload endpoint)."""
+    weight_transfer: Literal["disk", "distributed"] = "disk"
+    """How a server gets the weights: ``disk``, an HF export it reloads (any server; needs a
+    file system both see); ``distributed``, SGLang only, broadcast from the step's checkpoint
+    over NCCL (:mod:`megatron_a1.rollout.weight_transfer`; nothing written for the server)."""
+    transfer_address: str | None = None
+    """distributed: the address of rank 0's node as the server reaches it (default: its
+    hostname's address)."""
     export_dir: str | None = None
-    """Where the HF exports for the server go (``step_<N>`` in it; default:
+    """disk: where the HF exports for the server go (``step_<N>`` in it; default:
     ``<checkpoint.dir>/hf_export``); must be readable by the server."""
 
 
@@ -254,14 +261,15 @@ class OnlineRolloutSource:
                 and self._due_version(self.total_steps) >= state.iteration)
 
     def push_weights(self, checkpoint: str, state) -> None:
-        """Rank 0 exports ``checkpoint`` to HF for the server; the generator loads it when due."""
+        """Rank 0 exports ``checkpoint`` to HF for the server (distributed transfer: names the
+        checkpoint, which the sender streams); the generator loads it when due."""
         path = None
-        if torch.distributed.get_rank() == 0:
-            from megatron_a1.training.model_setup import resolve_model_config
-
+        if torch.distributed.get_rank() == 0 and self.r.weight_transfer == "distributed":
+            path = os.path.abspath(checkpoint)
+        elif torch.distributed.get_rank() == 0:
             path = os.path.abspath(os.path.join(self._export_root(),
                                                 f"step_{state.iteration:07d}"))
-            export_hf(checkpoint, path, resolve_model_config(self.cfg.model).to_hf_config_dict())
+            export_hf(checkpoint, path, resolve_hf_config(self.cfg))
         torch.distributed.barrier()
         self.pipeline.publish(state.iteration, path)
 
@@ -283,7 +291,11 @@ class OnlineRolloutSource:
                 _load_weights(self.sampler, payload)
             self.engine.update_weights(version)
             return
-        if payload is not None:  # rank 0: the HF export of that version
+        if payload is not None and self.r.weight_transfer == "distributed":
+            _send_checkpoint(payload, self.r.url, version, self.r.transfer_address,
+                             resolve_hf_config(self.cfg))
+            log.info("weights of step %d broadcast to %s", version, self.r.url)
+        elif payload is not None:  # rank 0: the HF export of that version
             from megatron_a1.rollout.weight_sync import weight_sync_for
 
             weight_sync_for(self.engine).update_from_disk(payload, version=version)
@@ -406,6 +418,32 @@ class OnlineRolloutSource:
                                    s["retokenization_mismatch"]})
 
 
+def resolve_hf_config(cfg) -> dict:
+    from megatron_a1.training.model_setup import resolve_model_config
+
+    return resolve_model_config(cfg.model).to_hf_config_dict()
+
+
+def _job_free_env() -> dict:
+    """This process's environment without the launcher's rendezvous variables: a helper
+    process runs its own one-rank job."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                         "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
+
+
+def _send_checkpoint(checkpoint: str, url: str, version: int, address: str | None,
+                     hf_config: dict) -> None:
+    """Broadcast ``checkpoint`` to the SGLang server (its own process: see weight_transfer)."""
+    if not os.path.isdir(checkpoint):
+        raise RuntimeError(f"{checkpoint} was removed before its weights were sent to the "
+                           "server: raise checkpoint.keep_last above rollout.max_staleness + 1")
+    cmd = [sys.executable, "-m", "megatron_a1.rollout.weight_transfer", "--checkpoint",
+           checkpoint, "--url", url, "--version", str(version), "--hf-config-json",
+           json.dumps(hf_config)] + (["--address", address] if address else [])
+    subprocess.run(cmd, check=True, env=_job_free_env())
+
+
 def export_hf(checkpoint: str, out_dir: str, hf_config: dict) -> None:
     """HF safetensors of a dist_checkpointing checkpoint in ``out_dir``, replaced atomically.
 
@@ -414,9 +452,7 @@ def export_hf(checkpoint: str, out_dir: str, hf_config: dict) -> None:
     """
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                        "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
+    env = _job_free_env()
     code = ("import json, sys; from megatron_a1.model.convert import megatron_to_hf; "
             "megatron_to_hf(sys.argv[1], sys.argv[2], hf_config=json.loads(sys.argv[3]), "
             "log=lambda *a, **k: None)")
