@@ -143,6 +143,15 @@ def test_yaml_file_errors_name_the_file(tmp_path):
         load_config(TrainConfig, str(path))
 
 
+def test_unparsable_yaml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="override 'rollout.tasks={tool:'.*quote"):
+        load_config(TrainConfig, None, ["rollout.tasks={tool:", "bundled}"])  # unquoted shell
+    path = tmp_path / "broken.yaml"
+    path.write_text("optim:\n  lr: [1e-5\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(TrainConfig, str(path))
+
+
 def test_impossible_layouts_fail_before_compute(dataset):
     cfg = load_config(TrainConfig, None, base_overrides(dataset, "/tmp/x") +
                       ["parallel.tensor_parallel=3"])

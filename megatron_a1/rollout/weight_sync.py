@@ -32,24 +32,19 @@ aborts them instead); generations then report ``meta_info.weight_version == "N"`
 resume are ``POST /pause_generation {"mode": "abort" | "retract" | "in_place"}`` and
 ``POST /continue_generation``.
 
-**NCCL (what a GPU deployment uses; not implemented here).** Writing 70 GB of bf16 weights to
-disk per step is slow; on a cluster the trainer broadcasts them instead:
+**Over NCCL instead of the disk.** Writing 70 GB of bf16 weights per step is slow; on a cluster
+the trainer can broadcast them:
 
-* vLLM: start the server with ``--weight-transfer-config '{"backend": "nccl"}'``; once,
-  ``POST /init_weight_transfer_engine {"init_info": {"master_address", "master_port",
-  "rank_offset", "world_size"}}`` while the trainer's rank 0 joins the same process group
-  (``vllm/distributed/weight_transfer/nccl_engine.py``); each update: ``/pause`` →
-  ``/start_weight_update`` → ``/update_weights {"update_info": {"names", "dtype_names",
-  "shapes"}}`` concurrently with the trainer broadcasting each tensor in HF names → 
-  ``/finish_weight_update {"weight_version": "N"}`` → ``/resume``. (Newer vLLM also has an
-  ``ipc`` backend for co-located GPUs and a ``disk`` backend taking ``{"path": DIR}``.)
-* SGLang: once, ``POST /init_weights_update_group {"master_address", "master_port",
-  "rank_offset", "world_size", "group_name", "backend": "nccl"}``; each update,
-  ``POST /update_weights_from_distributed {"names", "dtypes", "shapes", "group_name",
-  "flush_cache", "weight_version"}`` while the trainer broadcasts.
-
-The tensors are the HF-named ones :func:`megatron_a1.model.convert.megatron_to_hf` writes,
-gathered from the trainer's TP/EP shards one at a time.
+* SGLang: :mod:`megatron_a1.rollout.weight_transfer` (``rollout.weight_transfer:
+  distributed``) — ``/init_weights_update_group``, then ``/update_weights_from_distributed``
+  per bucket while rank 0 broadcasts the HF-named tensors streamed from the step's checkpoint.
+* vLLM (not wired in here): start the server with ``--weight-transfer-config '{"backend":
+  "nccl"}'``; once, ``POST /init_weight_transfer_engine`` while the trainer's rank 0 joins the
+  group; each update ``/pause`` → ``/start_weight_update`` → ``/update_weights`` concurrently with
+  the broadcasts → ``/finish_weight_update`` → ``/resume``. The trainer side of that is vLLM's own
+  ``vllm.distributed.weight_transfer`` package (``trainer_init``/``send_weights``), whose wire
+  format has changed between releases, so it needs vLLM in the training image; until then vLLM
+  servers take the disk path above.
 """
 from __future__ import annotations
 
