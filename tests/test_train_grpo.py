@@ -81,6 +81,13 @@ def test_grpo_token_loss_by_hand():
     loss.sum().backward()
     dk3 = 0.1 * (1 - torch.exp(d))  # d(k3)/d(logp) = -exp(d) + 1
     torch.testing.assert_close(logp.grad, torch.tensor([0.0, 0.0, -1.1, -1.5]) + dk3)
+    # the terms the step's metrics read: the clip is active exactly where the gradient is zero
+    again, terms = grpo_token_losses(logp.detach(), old, adv, cfg, ref_logprobs=ref, entropy=ent,
+                                     return_terms=True)
+    torch.testing.assert_close(again, loss.detach())
+    assert terms.clipped.tolist() == [True, True, False, False]
+    torch.testing.assert_close(terms.ratio, torch.tensor([1.5, 0.5, 1.1, 0.5]))
+    torch.testing.assert_close(terms.kl, k3)
 
 
 def test_grpo_kl_and_entropy_need_their_inputs():

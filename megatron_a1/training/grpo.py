@@ -82,10 +82,10 @@ class GRPOStage:
         old = torch.nan_to_num(batch["old_logprobs"].to(logp), nan=0.0)
         adv = batch["advantages"].to(logp)
         ref = batch.get("ref_logprobs")
-        token_loss = grpo_token_losses(logp, old, adv, self.loss_cfg, ref_logprobs=ref,
-                                       entropy=entropy)
+        token_loss, terms = grpo_token_losses(logp, old, adv, self.loss_cfg, ref_logprobs=ref,
+                                              entropy=entropy, return_terms=True)
         loss_sum, num_tokens = masked_token_sum(token_loss, mask)
-        self._accumulate(logp.detach(), old, adv, ref, entropy.detach(), mask)
+        self._accumulate(terms, entropy.detach(), mask)
 
         def loss_func(output):
             return output, num_tokens, {"loss": torch.stack([output.detach(),
@@ -93,16 +93,10 @@ class GRPOStage:
 
         return loss_sum, loss_func
 
-    def _accumulate(self, logp, old, adv, ref, entropy, mask) -> None:
-        ratio = torch.exp(logp - old)
-        lo, hi = 1 - self.loss_cfg.clip_low, 1 + self.loss_cfg.clip_high
-        clipped = ((ratio > hi) & (adv > 0)) | ((ratio < lo) & (adv < 0))
-        kl = torch.zeros_like(logp)
-        if ref is not None:
-            d = ref - logp
-            kl = torch.exp(d) - d - 1
+    def _accumulate(self, terms, entropy, mask) -> None:
         m = mask.bool()
-        sums = torch.stack([clipped[m].sum(), kl[m].sum(), entropy[m].sum(), ratio[m].sum(),
+        kl = terms.kl[m].sum() if terms.kl is not None else torch.zeros((), device=m.device)
+        sums = torch.stack([terms.clipped[m].sum(), kl, entropy[m].sum(), terms.ratio[m].sum(),
                             m.sum()])
         self._stats += sums.double().cpu()  # one device-to-host copy per micro-batch
 

@@ -103,6 +103,19 @@ class GRPOLossConfig:
     """Weight of the entropy bonus (subtracted from the loss)."""
 
 
+@dataclass
+class GRPOTerms:
+    """What the GRPO loss saw at each token (detached), for the step's metrics."""
+
+    ratio: Tensor
+    """[T] importance ratio ρ_t."""
+    clipped: Tensor
+    """[T] bool: the clip bound was active (ρ above 1+ε_high with A > 0, or below 1-ε_low with
+    A < 0): the token gave no policy gradient."""
+    kl: Tensor | None
+    """[T] k3 estimate of KL(π‖π_ref), when the KL term is on."""
+
+
 def grpo_token_losses(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -111,7 +124,8 @@ def grpo_token_losses(
     *,
     ref_logprobs: Tensor | None = None,
     entropy: Tensor | None = None,
-) -> Tensor:
+    return_terms: bool = False,
+) -> Tensor | tuple[Tensor, GRPOTerms]:
     """Per-token GRPO loss (to be summed over response tokens and divided by their count).
 
     ``loss_t = -min(ρ_t A, clip(ρ_t, 1-ε_low, 1+ε_high) A) + β·k3_t - c_H·H_t`` with
@@ -123,17 +137,24 @@ def grpo_token_losses(
         advantages: [T] the sample's advantage broadcast to its tokens.
         ref_logprobs: [T] under the frozen reference (required when ``kl_coef > 0``).
         entropy: [T] policy entropy at each position (required when ``entropy_coef > 0``).
+        return_terms: also return the :class:`GRPOTerms` (one computation for loss and metrics).
     """
     ratio = torch.exp(logprobs - old_logprobs.detach())
-    clipped = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
-    loss = -torch.minimum(ratio * advantages, clipped * advantages)
+    low, high = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
+    loss = -torch.minimum(ratio * advantages, ratio.clamp(low, high) * advantages)
+    kl = None
     if cfg.kl_coef:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs (set grpo.kl_coef=0 to disable)")
         delta = ref_logprobs.detach() - logprobs
-        loss = loss + cfg.kl_coef * (torch.exp(delta) - delta - 1.0)
+        kl = torch.exp(delta) - delta - 1.0
+        loss = loss + cfg.kl_coef * kl
     if cfg.entropy_coef:
         if entropy is None:
             raise ValueError("entropy_coef > 0 needs the policy entropy")
         loss = loss - cfg.entropy_coef * entropy
-    return loss
+    if not return_terms:
+        return loss
+    ratio = ratio.detach()
+    clipped = ((ratio > high) & (advantages > 0)) | ((ratio < low) & (advantages < 0))
+    return loss, GRPOTerms(ratio, clipped, None if kl is None else kl.detach())
