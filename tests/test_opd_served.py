@@ -13,9 +13,7 @@ oracle.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import urllib.error
 import urllib.request
 
@@ -29,6 +27,8 @@ from megatron_a1.rollout.http import (EngineHTTPError, EngineProtocolError, HTTP
 from megatron_a1.rollout.server import make_server
 from megatron_a1.testing import run_multirank
 from megatron_a1.training.config import TrainConfig
+from test_opd_teacher_topk import assert_trained_alike
+from test_rollout_http import serving
 from test_train_loop import base_overrides, train_body, write_dataset
 from test_train_opd import opd_overrides
 
@@ -64,19 +64,6 @@ def model(runtime):
     cfg = preset("tiny_test")
     return build_model(cfg, cfg.to_transformer_config(None), pg_collection=runtime.pg_collection,
                        backend="local", max_seq_len=128).eval()
-
-
-@contextlib.contextmanager
-def serving(engine):
-    server = make_server(engine)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -373,14 +360,8 @@ def test_opd_step_with_served_teacher_equals_colocated(runtime, setup, tmp_path)
         return {k: v for k, v in load_plain_tensors(ckpt.latest_checkpoint(d)).items()
                 if torch.is_tensor(v) and not k.startswith("optimizer")}
 
-    w_ref, w_got, w_init = (weights(d) for d in (ref["checkpoint_dir"], got["checkpoint_dir"],
-                                                 init))
-    assert w_ref.keys() == w_got.keys() and len(w_ref) > 5
-    moved = 0
-    for name, value in w_ref.items():
-        torch.testing.assert_close(w_got[name], value, rtol=1e-5, atol=1e-6, msg=name)
-        moved += not torch.equal(value, w_init[name])
-    assert moved > len(w_ref) // 2, "the steps must have changed the weights"
+    assert_trained_alike(*(weights(d) for d in (ref["checkpoint_dir"], got["checkpoint_dir"],
+                                                init)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -387,16 +387,7 @@ class HTTPEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
         """One generation per prompt, in prompt order; raises the first failure (in order)."""
-        if not prompts:
-            return []
-        pool = self._executor()
-        futures = [pool.submit(self.generate_one, p, sampling) for p in prompts]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+        return self._map(self.generate_one, prompts, sampling)
 
     def generate_one(self, prompt: list[int], sampling: SamplingParams) -> Generation:
         """One request, retried as documented (blocking)."""
@@ -427,8 +418,15 @@ class HTTPEngine:
             raise ValueError(f"k must be >= 1, got {k}")
         if any(not seq for seq in sequences):
             raise ValueError("every sequence needs at least one token")
+        return self._map(self.prompt_topk_one, sequences, k)
+
+    def _map(self, one, items: list, *args) -> list:
+        """``one(item, *args)`` for every item on the pool, in order; the first failure (in
+        order) is raised and the requests not yet started are cancelled."""
+        if not items:
+            return []
         pool = self._executor()
-        futures = [pool.submit(self.prompt_topk_one, seq, k) for seq in sequences]
+        futures = [pool.submit(one, item, *args) for item in items]
         try:
             return [f.result() for f in futures]
         except BaseException:
