@@ -237,11 +237,17 @@ def test_opd_step_from_store_equals_colocated_teacher(setup, store, tmp_path):
 
 
 def assert_trained_alike(w_ref: dict, w_got: dict, w_init: dict) -> None:
-    """Two runs' weights agree, and the steps moved most of them away from ``w_init``."""
+    """Two runs' weights agree, and the steps moved most of them away from ``w_init``.
+
+    Tolerance: the two steps at lr 5e-3 move weights by ~5e-3; Adam's first steps normalise
+    each gradient element by its own size, so an element with a near-zero gradient turns
+    float-rounding differences of the two loss paths into ~1e-6 weight differences (which
+    CPU's vector width decides). 1e-5 is 0.2% of a step's movement: a real difference in the
+    losses or gradients moves weights by the order of the step itself."""
     assert w_ref.keys() == w_got.keys() and len(w_ref) > 5
     moved = 0
     for name, value in w_ref.items():
-        torch.testing.assert_close(w_got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(w_got[name], value, rtol=1e-5, atol=1e-5, msg=name)
         moved += not torch.equal(value, w_init[name])
     assert moved > len(w_ref) // 2, "the steps must have changed the weights"
 

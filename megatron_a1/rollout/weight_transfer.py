@@ -136,8 +136,9 @@ def push_checkpoint(checkpoint: str, url: str, *, version: int, hf_config: dict 
     port, group = free_port(), f"megatron_a1_weights_{version}_{uuid.uuid4().hex[:8]}"
     backend = "nccl" if cuda else "gloo"
     # the converter reads the checkpoint as a one-rank job of its own, whatever job launched us
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     initialize(seed=0)
     try:
         call = _Call(client, "/init_weights_update_group", {

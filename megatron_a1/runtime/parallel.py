@@ -146,11 +146,13 @@ def initialize(parallel: ParallelConfig | None = None, *, seed: int = 1234) -> R
         device, backend = torch.device("cpu"), "gloo"
 
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a plain single process: no rendezvous needed
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # A plain single process (no launcher): a private store on a free port, given directly
+        # rather than through MASTER_ADDR/MASTER_PORT, which every process it starts later
+        # (a server, a converter) would inherit and try to bind again.
+        plain = "MASTER_ADDR" not in os.environ and world_size == 1
         dist.init_process_group(
             backend=backend,
+            init_method=f"tcp://127.0.0.1:{free_port()}" if plain else None,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
