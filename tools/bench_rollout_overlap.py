@@ -5,8 +5,8 @@ background thread samples the next k steps while the current one trains. Same co
 seeds, one run each:
 
     python tools/bench_rollout_overlap.py --smoke               # CPU: tiny_test policy, 4 steps
-    python tools/bench_rollout_overlap.py --config examples/configs/grpo_35b_a3b.yaml \\
-        --staleness 0 1 2 --nproc 8 rollout.url=http://rollout-node:8000   # a GPU node + server
+    python tools/bench_rollout_overlap.py --config MY_GRPO.yaml --staleness 0 1 2 --nproc 8 \\
+        rollout.url=http://rollout-node:8000   # 8 trainer GPUs, the policy served elsewhere
 
 Columns: ``ms`` = wall time per step (the whole run, start-up included, over its steps);
 ``wait s`` = the trainer idle for rollouts (sum of ``rollout/wait_seconds``); ``gen s`` =
