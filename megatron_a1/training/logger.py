@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from megatron_a1.training.metrics import MoELoadTracker, flop_model, memory_gib
+from megatron_a1.training.metrics import MoELoadTracker, flop_model, memory_gib, step_counts
 
 log = logging.getLogger("megatron_a1.train")
 
@@ -54,13 +54,12 @@ class MetricsLogger:
             print(msg, flush=True)
 
     def step(self, state, result, micro_batches, elapsed, lr, total_steps, extra: dict) -> None:
-        # real tokens of this rank's micro-batches, times the data-parallel size
-        tokens = sum(int(b["cu_seqlens"][-1]) - int(b.get("num_padding", 0)) for b in micro_batches)
-        doc_lengths = [int(x) for b in micro_batches for x in torch.diff(b["cu_seqlens"])]
-        dp = self.rt.data_parallel
-        step_tokens = tokens * dp
+        from megatron.core import parallel_state
+
+        step_tokens, step_flops = step_counts(micro_batches, self.flops,
+                                              parallel_state.get_data_parallel_group())
         self.tokens_seen += step_tokens
-        tflops = self.flops.step_flops(doc_lengths) * dp / elapsed / 1e12 / self.rt.world_size
+        tflops = step_flops / elapsed / 1e12 / self.rt.world_size
         self.last_loss = result.loss
         self.history.append(result.loss)
         metrics = {

@@ -38,6 +38,26 @@ class FlopModel:
         return 3.0 * fwd
 
 
+def step_counts(micro_batches: list[dict], flops: FlopModel, group=None) -> tuple[int, float]:
+    """Real (unpadded) tokens and model FLOPs of one step's micro-batches, summed over the ranks
+    of ``group`` (the data-parallel replicas; None: this rank alone). Rollout packs are uneven
+    across replicas — one may hold none — so the step's figure is a sum, not this rank's
+    times the replica count."""
+    import torch.distributed as dist
+
+    tokens = sum(int(b["cu_seqlens"][-1]) - int(b.get("num_padding", 0)) for b in micro_batches)
+    docs = []  # the real documents: a pack's padding is one extra segment at its end
+    for b in micro_batches:
+        lengths = [int(x) for x in torch.diff(b["cu_seqlens"])]
+        docs += lengths[:-1] if int(b.get("num_padding", 0)) else lengths
+    totals = torch.tensor([tokens, flops.step_flops(docs)], dtype=torch.float64)
+    if group is not None and dist.get_world_size(group) > 1:
+        if dist.get_backend(group) == "nccl":
+            totals = totals.cuda()
+        dist.all_reduce(totals, group=group)
+    return int(totals[0]), float(totals[1])
+
+
 def flop_model(model_chunks: list, config, *, pattern: str, num_experts: int | None,
                top_k: int | None) -> FlopModel:
     """Active matmul parameters counted from the built model (global, across TP/EP/PP ranks)."""
