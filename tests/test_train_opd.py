@@ -62,6 +62,7 @@ def test_domain_weights_match_hand_computation():
 
     stage = OPDStage.__new__(OPDStage)
     stage.domains, stage.teachers = ["search", "tool"], {"search": None, "tool": None}
+    stage.server_groups = ()  # no served teacher: nothing to fetch
     mb1 = {"cu_seqlens": torch.tensor([0, 3, 7]), "domains": ["search", "tool"],
            "loss_mask": torch.tensor([[1., 1, 0, 0, 1, 1, 1]])}
     mb2 = {"cu_seqlens": torch.tensor([0, 4]), "domains": ["search"],

@@ -170,14 +170,18 @@ class ServedEngine:
             raise BadRequest(f"weights path is not a directory on the server: {path}")
         self._acquire(for_generation=False)
         try:
-            new_engine = self.reload_fn(path)
             old = self.engine.weight_version
+            new_engine = self.reload_fn(path)
             if new_engine is not None:
                 self.engine = new_engine
-            self.engine.weight_version = old + 1 if version is None else version
-            return self.engine.weight_version
+            return self._loaded(old, version)
         finally:
             self._release()
+
+    def _loaded(self, old: int, version: int | None) -> int:
+        """New weights are in: the engine's version becomes ``version``, or ``old`` + 1."""
+        self.engine.weight_version = old + 1 if version is None else version
+        return self.engine.weight_version
 
     def receive(self, group_name: str, names: list[str], dtypes: list[str],
                 shapes: list[list[int]], version: int | None) -> int | None:
@@ -204,9 +208,7 @@ class ServedEngine:
             if not self.load_tensors_fn(self.received):
                 return None
             self.received = {}
-            old = self.engine.weight_version
-            self.engine.weight_version = old + 1 if version is None else version
-            return self.engine.weight_version
+            return self._loaded(self.engine.weight_version, version)
         finally:
             self._release()
 

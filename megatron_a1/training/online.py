@@ -125,18 +125,22 @@ def build_engine(r: RolloutSection, policy, vocab_size: int, seed: int):
     return HTTPEngine(r.url, backend=r.engine)
 
 
+def _tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """``model``'s parameters and buffers by name: what a weight version is made of."""
+    return [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t is not None]
+
+
 def _weights(model) -> dict[str, torch.Tensor]:
-    """A detached copy of ``model``'s parameters and buffers (one published weight version)."""
+    """A detached copy of ``model``'s tensors (one published weight version)."""
     with torch.no_grad():
-        return {n: t.detach().clone() for n, t in
-                [*model.named_parameters(), *model.named_buffers()] if t is not None}
+        return {n: t.detach().clone() for n, t in _tensors(model)}
 
 
 def _load_weights(model, weights: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for n, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t is not None:
-                t.copy_(weights[n])
+        for n, t in _tensors(model):
+            t.copy_(weights[n])
 
 
 def _snapshot(cfg, rt, live):
@@ -146,11 +150,9 @@ def _snapshot(cfg, rt, live):
 
     with torch.random.fork_rng(devices=[]):  # the training run's random streams stay untouched
         model = build_model_chunks(cfg, rt)[0][0]
-    with torch.no_grad():
-        live_tensors = dict([*live.named_parameters(), *live.named_buffers()])
-        for n, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t is not None:
-                t.data = live_tensors[n].detach().clone()
+    weights = _weights(live)
+    for n, t in _tensors(model):
+        t.data = weights[n]  # the live tensors' dtypes, not the fresh model's
     model.requires_grad_(False)
     return model
 
@@ -230,18 +232,12 @@ class OnlineRolloutSource:
         start = time.perf_counter()
         batch = self.pipeline.get(state.iteration + 1)
         waited = time.perf_counter() - start
-        records = batch["records"]
-        kept = [self._parse_group([records[i] for i in group], state.iteration + 1)[0]
-                for group in batch["groups"]]
-        if self.grpo:
-            for group in kept:
-                assign_advantages(group, self.process_weight)
-        rollouts = pack_step(kept, batch["read"], max_seq_len=self.max_seq_len,
+        rollouts = pack_step(batch["groups"], batch["read"], max_seq_len=self.max_seq_len,
                              dp_rank=self.dp_rank, dp_size=self.dp_size, pad_to_multiple=self.pad)
         state.consumed_samples += len(rollouts.samples)
         self.skipped += batch["skipped"]
-        self._write(records, state)
-        self._log_stats(records, batch["seconds"], waited, state.iteration)
+        self._write(batch["records"], state)
+        self._log_stats(batch["records"], batch["seconds"], waited, state.iteration)
         return StepData(rollouts.micro_batches, rollouts, info=self.stats)
 
     def before_save(self, state) -> None:
@@ -312,48 +308,45 @@ class OnlineRolloutSource:
 
     # -- one step's batch (runs in the generator: own process group only) ---------------------
     def _produce(self, step: int) -> dict:
-        """Sample the prompts of ``step`` (refilling dropped GRPO groups): the records, which of
-        them form the kept groups, and the counts the step logs."""
-        start, records, groups, read, rounds, skipped = time.perf_counter(), [], [], 0, 0, 0
-        all_groups = []
-        while len(groups) < self.prompts and rounds <= (self.r.max_refill_rounds
-                                                        if self.grpo else 0):
-            for group_records in self._generate(self.prompts - len(groups)):
-                first = len(records)
+        """Sample the prompts of ``step`` (refilling dropped GRPO groups): every record (for the
+        output file and the logs), the groups to train (samples with their advantages), and the
+        counts the step logs."""
+        start, records, kept, read, rounds, skipped = time.perf_counter(), [], [], [], 0, 0
+        while len(kept) < self.prompts and rounds <= (self.r.max_refill_rounds
+                                                      if self.grpo else 0):
+            for group_records in self._generate(self.prompts - len(kept)):
                 records += group_records
                 group, bad = self._parse_group(group_records, step)
-                skipped += len(bad)
-                index = [first + i for i in range(len(group_records)) if i not in bad]
+                skipped += bad
                 if not group:
                     continue
-                read += 1
-                all_groups.append(index)
+                read.append(group)
                 if self.grpo:
                     assign_advantages(group, self.process_weight)
                     if self.dynamic_sampling and not any(s.advantage for s in group):
                         continue
-                groups.append(index)
+                kept.append(group)
             rounds += 1
-        if not groups and all_groups and self.dp_rank == 0:
+        if not kept and read and self.dp_rank == 0:
             log.warning("step %d: no rollout group with distinct rewards after %d rounds; "
                         "training on the unfiltered groups", step, rounds)
-        groups = groups or all_groups
+        groups = kept or read
         if not groups:
             raise RuntimeError(f"step {step}: no rollout sampled any token; "
                                "check rollout.context_limit against the prompt lengths")
-        return {"records": records, "groups": groups[:self.prompts], "read": read,
+        return {"records": records, "groups": groups[:self.prompts], "read": len(read),
                 "skipped": skipped, "seconds": time.perf_counter() - start}
 
     @staticmethod
-    def _parse_group(records: list[dict], step: int) -> tuple[list, set[int]]:
-        """The group's samples, and the indices of records with nothing to train on (e.g. a
-        prompt longer than the context: nothing sampled)."""
-        samples, bad = [], set()
-        for i, rec in enumerate(records):
+    def _parse_group(records: list[dict], step: int) -> tuple[list, int]:
+        """The group's samples, and how many records had nothing to train on (e.g. a prompt
+        longer than the context: nothing sampled)."""
+        samples, bad = [], 0
+        for rec in records:
             try:
                 samples.append(parse_rollout(rec, f"step {step} rollout {rec['id']}"))
             except RolloutRecordError as exc:
-                bad.add(i)
+                bad += 1
                 log.warning("%s (skipped)", exc)
         return samples, bad
 

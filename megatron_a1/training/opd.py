@@ -179,9 +179,6 @@ class OPDStage:
     """``forward_step`` for megatron-core's schedules, plus ``prepare`` for the domain weights."""
 
     name = "opd"
-    server_groups: tuple = ()
-    """(served teacher, its domains) pairs, set by ``__init__``; their top-k is fetched in
-    ``prepare``."""
 
     def __init__(self, cfg, rt, teachers: dict[str, torch.nn.Module], vocab_size: int | None,
                  stores: dict | None = None, servers: dict | None = None):
@@ -198,9 +195,10 @@ class OPDStage:
                              "store, server)")
         self.domains = sorted({**self.teachers, **self.stores, **self.servers})
         self.teacher_groups = self._group(self.teachers)
-        # teachers known by their top-k only (precomputed or served): scored alike
-        self.topk_groups = self._group(self.stores) + self._group(self.servers)
+        # (served teacher, its domains): their top-k is fetched in ``prepare``
         self.server_groups = self._group(self.servers)
+        # teachers known by their top-k only (precomputed or served): scored alike
+        self.topk_groups = self._group(self.stores) + self.server_groups
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.metrics: dict = {}
