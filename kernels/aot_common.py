@@ -3,6 +3,8 @@
 One place for what ``tools/kernel_report.py`` and the compile tests share:
 
 * ``compile_spec(spec, arch)``: Triton's real compiler (never the interpreter) for ``sm_<arch>``.
+* ``launch_specialization(fn, values)``: the signature, constants and alignment hints Triton's
+  launcher derives from real arguments, so that a spec compiles what a launch would run.
 * ``inspect_cubin(cubin)``: registers, spill (stack/local) bytes, static shared memory and the
   tensor-core instructions, read with the ``cuobjdump`` shipped in the Triton wheel. It raises
   when the output cannot be parsed, so no check downstream passes on numbers it never read.
@@ -26,6 +28,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -39,7 +42,8 @@ import time
 from typing import Iterable, NamedTuple
 
 # Every family of Triton kernels in this package: name -> module with ``launch_specs()``.
-FAMILIES = {"attention": "a1_kernels.attention.aot", "sva": "a1_kernels.sva.aot"}
+FAMILIES = {"attention": "a1_kernels.attention.aot", "sva": "a1_kernels.sva.aot",
+            "cross_entropy": "a1_kernels.cross_entropy.aot"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,6 +149,40 @@ def compile_spec(spec: dict, arch: int):
                           options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
 
 
+def launch_specialization(fn, values: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``ASTSource`` exactly as Triton's launcher derives them
+    from real arguments (``native_specialize_impl``, the launcher's own routine): 16-byte
+    aligned tensors and integers divisible by 16 get ``tt.divisibility = 16``, an integer equal
+    to 1 becomes a constant. ``values``: every argument of ``fn`` by name (tensors may be empty
+    ones of the right dtype: their data pointer is 0, i.e. aligned, as the caching allocator's
+    are)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    missing = set(fn.arg_names) - set(values)
+    if missing:
+        raise KeyError(f"no value for argument(s) {sorted(missing)} of {fn.arg_names}")
+    # From the Python function's annotations: works for a JITFunction and, when this process
+    # interprets, for the InterpretedFunction that stands in for it.
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters
+    no_specialize = set(getattr(fn, "do_not_specialize", ()))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = values[name]
+        if "constexpr" in str(params[name].annotation):
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        kind, spec = native_specialize_impl(BaseBackend, value, False,
+                                            i not in no_specialize, True)
+        if kind == "constexpr":
+            signature[name], constexprs[name] = "constexpr", value
+        else:
+            signature[name] = kind
+            if isinstance(spec, str) and BaseBackend.parse_attr(spec):
+                attrs[(i,)] = BaseBackend.parse_attr(spec)
+    return signature, constexprs, attrs
+
+
 # Tensor-core instructions in SASS: mma.sync (HMMA, IMMA), Hopper's warpgroup MMA (HGMMA and the
 # fp8/int8 QGMMA/IGMMA), Blackwell's tcgen05 (UTCHMMA, UTCQMMA, ...).
 _TC_OPS = re.compile(r"\b(HMMA|IMMA|HGMMA|QGMMA|IGMMA|UTC[A-Z]*MMA)\b")
@@ -164,7 +202,8 @@ def inspect_cubin(cubin: bytes) -> dict:
         sass = subprocess.run([_bin("cuobjdump"), "-sass", path], capture_output=True,
                               text=True, check=True).stdout
     return dict(parse_res_usage(res), tensor_core_ops=tensor_core_ops(sass),
-                sass_lines=sass.count("\n"))
+                sass_lines=sass.count("\n"), main_loop=main_loop(sass),
+                async_loads=async_load_counts(sass))
 
 
 def parse_res_usage(text: str) -> dict:
@@ -184,6 +223,82 @@ def parse_res_usage(text: str) -> dict:
 def tensor_core_ops(sass: str) -> list[str]:
     """The tensor-core opcodes present in ``cuobjdump -sass`` output."""
     return sorted(set(_TC_OPS.findall(sass)))
+
+
+# One SASS instruction: "/*0a10*/   @!P0 BRA 0x1d0 ;" -> address, text (predicate included).
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;")
+_BRA = re.compile(r"\bBRA\s+(?:`?\(?\.?L?_?x?_?)?0x([0-9a-f]+)")
+_HGMMA = re.compile(r"\b[HQI]GMMA\.(\d+)x(\d+)x(\d+)")
+_HMMA = re.compile(r"\b[HI]MMA\.(16)(8)(\d+)")
+# Global loads by kind: cp.async (LDGSTS, sm_80+), TMA (UTMALDG, sm_90+), plain (LDG).
+_LOAD_KINDS = {"ldgsts": re.compile(r"\bLDGSTS\b"), "utmaldg": re.compile(r"\bUTMALDG\b"),
+               "ldg": re.compile(r"\bLDG\b"), "atomics": re.compile(r"\b(?:REDG?|ATOMG?)\b")}
+
+
+def _instructions(sass: str) -> list[tuple[int, str]]:
+    return [(int(a, 16), text.strip()) for a, text in _INSN.findall(sass)]
+
+
+def _mma_flops_per_warp(text: str) -> int:
+    """FLOPs one warp's issue of a tensor-core instruction performs (a warpgroup MMA of shape
+    m x n x k is issued by its 4 warps; mma.sync m16n8k is one warp's)."""
+    g = _HGMMA.search(text)
+    if g:
+        m, n, k = map(int, g.groups())
+        return 2 * m * n * k // 4
+    h = _HMMA.search(text)
+    if h:
+        m, n, k = map(int, h.groups())
+        return 2 * m * n * k
+    return 0
+
+
+def main_loop(sass: str) -> dict | None:
+    """The hot loop of a kernel's SASS, per iteration and per warp: the innermost backward-branch
+    loop with the most tensor-core FLOPs (the fewest instructions among equals, i.e. the unmasked
+    one of a masked/unmasked pair). ``instructions``, ``mma_flops`` (per warp), ``insts_per_kflop``,
+    the MMA shapes (``HGMMA.64x64x16`` ...) with counts, warpgroup waits, and global loads by kind.
+    None when no loop holds an MMA."""
+    insts = _instructions(sass)
+    addrs = [a for a, _ in insts]
+    loops = []
+    for a, text in insts:
+        b = _BRA.search(text)
+        if b and int(b.group(1), 16) <= a:
+            lo = addrs.index(int(b.group(1), 16)) if int(b.group(1), 16) in addrs else None
+            if lo is not None:
+                loops.append((lo, addrs.index(a)))
+    loops = [(lo, hi) for lo, hi in loops
+             if any(_mma_flops_per_warp(t) for _, t in insts[lo:hi + 1])]
+    inner = [(lo, hi) for lo, hi in loops
+             if not any((l2, h2) != (lo, hi) and lo <= l2 and h2 <= hi for l2, h2 in loops)]
+    if not inner:
+        return None
+
+    def stats(lo, hi):
+        body = [t for _, t in insts[lo:hi + 1]]
+        shapes: dict[str, int] = {}
+        for t in body:
+            m = _HGMMA.search(t) or _HMMA.search(t)
+            if m:
+                op = m.group(0).split(".")[0]
+                key = f"{op}.{'x'.join(m.groups())}" if op.endswith("GMMA") else m.group(0)
+                shapes[key] = shapes.get(key, 0) + 1
+        flops = sum(_mma_flops_per_warp(t) for t in body)
+        row = {"instructions": len(body), "mma_flops": flops,
+               "insts_per_kflop": round(1000 * len(body) / flops, 3), "mma_shapes": shapes,
+               "warpgroup_waits": sum("WARPGROUP.DEPBAR" in t for t in body)}
+        row.update({k: sum(bool(r.search(t)) for t in body) for k, r in _LOAD_KINDS.items()})
+        return row
+
+    rows = [stats(lo, hi) for lo, hi in inner]
+    return max(rows, key=lambda r: (r["mma_flops"], -r["instructions"]))
+
+
+def async_load_counts(sass: str) -> dict:
+    """Global-load instructions of the whole kernel by kind (see ``_LOAD_KINDS``)."""
+    texts = [t for _, t in _instructions(sass)]
+    return {k: sum(bool(r.search(t)) for t in texts) for k, r in _LOAD_KINDS.items()}
 
 
 def cache_dir() -> str:
@@ -356,7 +471,8 @@ def report_row(spec: dict, result: dict) -> dict:
     row["bound"] = "compute" if row["flops"] and row["flops"] / _PEAK[row["math"]](
         GPUS[ARCHS[arch].gpu]) * 1e6 >= row["roofline_us"] else "memory"
     for key in ("registers", "spill_bytes", "stack_bytes", "local_bytes", "static_shared",
-                "dynamic_shared", "shared_bytes", "tensor_core_ops", "compile_s", "cached"):
+                "dynamic_shared", "shared_bytes", "tensor_core_ops", "main_loop", "async_loads",
+                "compile_s", "cached"):
         row[key] = result.get(key)
     if result["compiled"]:
         row["tensor_cores"] = bool(result["tensor_core_ops"])

@@ -21,7 +21,20 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config file or override does not match the schema; the message names the key."""
+    """A config file or override does not match the schema; the message names the key.
+
+    ``key`` is the dotted key at fault when one is (``train.micro_batch_size``) and ``detail``
+    the message without it, so :func:`load_config` can blame the override that set the key.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.detail = message if detail is None else detail
+
+
+def _bad(path: str, detail: str) -> ConfigError:
+    return ConfigError(f"{path}: {detail}", key=path, detail=detail)
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -35,37 +48,39 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _coerce(value, arg, path)
             except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise _bad(path, f"{value!r} matches none of {tp}")
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"{path}: {value!r} is not one of {list(get_args(tp))}")
+            raise _bad(path, f"{value!r} is not one of {list(get_args(tp))}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            raise _bad(path, f"expected a list, got {type(value).__name__} {value!r}")
         (item,) = get_args(tp) or (Any,)
         return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise _bad(path, f"expected a mapping, got {type(value).__name__} {value!r}")
         _, item = get_args(tp) or (str, Any)
         return {str(k): _coerce(v, item, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
+            raise _bad(path, f"expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, path)
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+            raise _bad(path, f"expected true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise _bad(path, f"expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-5 (no dot) as a string
@@ -74,13 +89,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+            raise _bad(path, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise _bad(path, f"expected a string, got {value!r}")
         return value
-    raise ConfigError(f"{path}: unsupported field type {tp}")
+    raise _bad(path, f"unsupported field type {tp}")
 
 
 def from_dict(cls: type[T], data: dict, path: str = "") -> T:
@@ -93,7 +108,8 @@ def from_dict(cls: type[T], data: dict, path: str = "") -> T:
         raise ConfigError(
             f"unknown key{'s' if len(unknown) > 1 else ''} "
             + ", ".join(f"'{where}{k}'" for k in unknown)
-            + f"; {cls.__name__} accepts: {', '.join(sorted(fields))}"
+            + f"; {cls.__name__} accepts: {', '.join(sorted(fields))}",
+            key=f"{where}{unknown[0]}",
         )
     kwargs = {}
     for name, f in fields.items():
@@ -101,7 +117,7 @@ def from_dict(cls: type[T], data: dict, path: str = "") -> T:
         if name in data:
             kwargs[name] = _coerce(data[name], hints[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key '{key}'")
+            raise ConfigError(f"missing required key '{key}'", key=key)
     return cls(**kwargs)
 
 
@@ -149,8 +165,26 @@ def load_config(cls: type[T], path: str | None = None, overrides: list[str] = ()
                 raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-    apply_overrides(data, list(overrides))
+    overrides = list(overrides)
+    apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from None
+        item = _override_setting(exc.key, overrides)
+        if item is None:
+            raise ConfigError(f"{path or 'config'}: {exc}", key=exc.key) from None
+        exact = item.split("=", 1)[0].strip() == exc.key
+        raise ConfigError(f"override {item}: {exc.detail if exact else exc}", key=exc.key,
+                          detail=exc.detail) from None
+
+
+def _override_setting(key: str | None, overrides: list[str]) -> str | None:
+    """The last override that set ``key``, a section above it or a key below it (None: the
+    value came from the file)."""
+    if key is None:
+        return None
+    for item in reversed(overrides):
+        k = item.split("=", 1)[0].strip()
+        if k == key or key.startswith((k + ".", k + "[")) or k.startswith(key + "."):
+            return item
+    return None

@@ -57,10 +57,12 @@ def _max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def _check(lengths, hq, hkv, d, dtype, causal, extra_rows=0, seed=0, scale=None):
+def _check(lengths, hq, hkv, d, dtype, causal, extra_rows=0, seed=0, scale=None,
+           deterministic=True):
     q, k, v, cu = _pack(lengths, hq, hkv, d, dtype, extra_rows, seed)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out = packed_attention(q, k, v, cu, max(lengths), causal=causal, softmax_scale=scale)
+    out = packed_attention(q, k, v, cu, max(lengths), causal=causal, softmax_scale=scale,
+                           deterministic=deterministic)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
 
@@ -90,6 +92,18 @@ def test_ragged_pack_gqa(hq, hkv, causal):
     _check(_ragged(hq, 3, 30), hq, hkv, 16, torch.float32, causal, extra_rows=5, seed=hq)
 
 
+@pytest.mark.parametrize("d,hq,hkv,dtype,causal", [
+    (16, 4, 1, torch.float32, True), (16, 4, 1, torch.float32, False),
+    (256, 2, 1, torch.float32, True), (32, 4, 2, torch.bfloat16, True)])
+def test_atomic_dq_backward(d, hq, hkv, dtype, causal):
+    """deterministic=False: the dK/dV kernel also adds each key tile's share of dQ with fp32
+    atomics (5 matmuls; at head dim 256 two programs per key tile, each owning half the
+    columns). Same oracle, ragged pack with empty and single-token documents, GQA, rows past
+    the last document."""
+    _check([1, 23, 0, 18, 1, 37], hq, hkv, d, dtype, causal, extra_rows=3, seed=d,
+           deterministic=False)
+
+
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_head_dims(d):
     _check([1, 23, 0, 18], 2, 1, d, torch.float32, causal=True, seed=d)
@@ -117,15 +131,16 @@ def test_softmax_scale():
     _check([20, 13], 2, 1, 16, torch.float32, causal=True, scale=0.3)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("layout", ["bshd", "sbhd"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_batched_layouts(layout, causal):
+def test_batched_layouts(layout, causal, deterministic):
     b, s, hq, hkv, d = 3, 21, 4, 2, 16
     q, k, v = (torch.randn(b, s, h, d, dtype=torch.float64).float() for h in (hq, hkv, hkv))
     if layout == "sbhd":
         q, k, v = (x.transpose(0, 1).contiguous() for x in (q, k, v))
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out = batched_attention(q, k, v, causal=causal, layout=layout)
+    out = batched_attention(q, k, v, causal=causal, layout=layout, deterministic=deterministic)
     assert out.shape == q.shape and out.is_contiguous()
 
     def sdpa(q, k, v):  # [B, H, S, D] in, same layout as the inputs out
@@ -170,6 +185,8 @@ def test_input_validation():
         packed_attention(q, k, v, cu, 3)
     with pytest.raises(ValueError, match="layout"):
         batched_attention(q[None], k[None], v[None], layout="thd")
+    with pytest.raises(ValueError, match="softmax_scale"):  # folded into exp2's FMA: needs > 0
+        packed_attention(q, k, v, cu, 4, softmax_scale=0.0)
 
 
 def test_registered_ops_fake_and_schema():
@@ -181,6 +198,9 @@ def test_registered_ops_fake_and_schema():
     out, lse = torch.ops.a1_kernels.attention_fwd(q, k, v, cu, True, 0.25, False)
     torch.library.opcheck(torch.ops.a1_kernels.attention_bwd.default,
                           (torch.randn_like(out), q, k, v, out, lse, cu, True, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.a1_kernels.attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, cu, True, 0.25, False),
                           test_utils=("test_schema", "test_faketensor"))
     # The saved log-sum-exp is the natural one, [H, T].
     scores = torch.einsum("thd,shd->hts", q[:5], k[:5].expand(-1, 2, -1)) * 0.25

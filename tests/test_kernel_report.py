@@ -40,6 +40,59 @@ def test_res_usage_parsing_reads_numbers_or_raises():
     assert aot.tensor_core_ops("  FFMA R1, R2, R3, R4 ;") == []
 
 
+# Two innermost loops (an HGMMA one with a cp.async load, an mma.sync one with a plain load)
+# inside an outer loop, in cuobjdump's layout (one instruction per line, encodings dropped).
+LOOPS_SASS = """
+        /*0100*/                   MOV R1, R2 ;
+        /*0110*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;
+        /*0120*/                   WARPGROUP.ARRIVE ;
+        /*0130*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;
+        /*0140*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0150*/              @P0 BRA 0x100 ;
+        /*0160*/                   LDG.E R5, desc[UR4][R6.64] ;
+        /*0170*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0180*/              @P1 BRA 0x160 ;
+        /*0190*/                   REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R9 ;
+        /*01a0*/              @P2 BRA 0x100 ;
+        /*01b0*/                   EXIT ;
+"""
+
+
+def test_main_loop_is_the_innermost_loop_with_the_most_mma_work():
+    loop = aot.main_loop(LOOPS_SASS)
+    # 64x64x16 warpgroup MMA: 2*64*64*16 FLOPs over the 4 warps that issue it.
+    assert loop == {"instructions": 6, "mma_flops": 32768,
+                    "insts_per_kflop": round(6000 / 32768, 3),
+                    "mma_shapes": {"HGMMA.64x64x16": 1}, "warpgroup_waits": 1,
+                    "ldgsts": 1, "utmaldg": 0, "ldg": 0, "atomics": 0}
+    assert aot.async_load_counts(LOOPS_SASS) == {"ldgsts": 1, "utmaldg": 0, "ldg": 1, "atomics": 1}
+    hmma_only = LOOPS_SASS.replace("HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT", "NOP")
+    assert aot.main_loop(hmma_only)["mma_shapes"] == {"HMMA.16816": 1}
+    assert aot.main_loop("        /*0100*/                   EXIT ;") is None
+
+
+def test_launch_specialization_matches_the_launcher():
+    """Aligned tensors and 16-divisible ints get tt.divisibility 16, 1 becomes a constant, other
+    ints stay plain i32 (what Triton's launcher does for a real call)."""
+    import torch
+
+    from a1_kernels.sva.sva import _sva_set_loss_kernel
+
+    f32 = torch.empty(0, dtype=torch.float32)
+    base = {"s_ptr": f32, "t_ptr": f32, "loss_ptr": f32, "coef_ptr": f32, "K": 64, "KP": 64,
+            "BLOCK_R": 16}
+    sig, consts, attrs = aot.launch_specialization(_sva_set_loss_kernel, dict(base, n_rows=4096))
+    assert sig["s_ptr"] == "*fp32" and sig["n_rows"] == "i32" and sig["K"] == "constexpr"
+    assert consts == {"K": 64, "KP": 64, "BLOCK_R": 16}
+    assert attrs == {(i,): [["tt.divisibility", 16]] for i in range(5)}
+    sig, consts, attrs = aot.launch_specialization(_sva_set_loss_kernel, dict(base, n_rows=7))
+    assert (4,) not in attrs and sig["n_rows"] == "i32"
+    sig, consts, _ = aot.launch_specialization(_sva_set_loss_kernel, dict(base, n_rows=1))
+    assert sig["n_rows"] == "constexpr" and consts["n_rows"] == 1
+    with pytest.raises(KeyError, match="n_rows"):
+        aot.launch_specialization(_sva_set_loss_kernel, base)
+
+
 def test_occupancy_from_registers_shared_memory_and_warps():
     # 128 regs x 128 threads: 4096 regs per warp-unit ... 16 warps -> 4 blocks of 4 warps.
     assert aot.occupancy(90, 128, 0, 4) == {"blocks_per_sm": 4, "warps_per_sm": 16,
@@ -92,7 +145,7 @@ def test_compile_rows_parses_caches_and_reports(tmp_path, monkeypatch):
     (r,) = data["rows"]
     for key in ("kernel", "config", "arch", "compiled", "error", "registers", "spill_bytes",
                 "shared_bytes", "occupancy", "tensor_cores", "flops", "min_bytes", "roofline_us",
-                "triton_version"):
+                "triton_version", "main_loop", "async_loads"):
         assert key in r
     assert r["arch"] == "sm_90" and r["registers"] == row["registers"]
 

@@ -88,9 +88,11 @@ def test_single_rank_sft_trains(single_rank_run):
     assert [r["loss"] for r in rows] == losses
 
 
-@pytest.mark.parametrize("layout", ["parallel.expert_parallel=2", "parallel.tensor_parallel=2"])
+@pytest.mark.parametrize("layout", ["parallel.expert_parallel=2", "parallel.tensor_parallel=2",
+                                    "parallel.pipeline_parallel=2"])
 def test_two_ranks_equal_one_rank(single_rank_run, dataset, init_ckpt, tmp_path, layout):
-    """EP=2 (DP=2 for the dense part) and TP=2+SP train the same losses as one rank."""
+    """EP=2 (DP=2 for the dense part), TP=2+SP and PP=2 (packs of varying length between the
+    stages) train the same losses as one rank."""
     _, ref = single_rank_run
     extra = [layout] + (["parallel.sequence_parallel=true"] if "tensor" in layout else [])
     results = run_multirank(train_body, 2, args=(
@@ -130,9 +132,10 @@ def test_unknown_key_is_an_error(tmp_path):
 
 
 def test_wrong_type_is_an_error():
-    with pytest.raises(ConfigError, match="train.global_batch_size: expected an integer"):
+    with pytest.raises(ConfigError, match="override train.global_batch_size=big: expected an "
+                       "integer"):
         load_config(TrainConfig, None, ["train.global_batch_size=big"])
-    with pytest.raises(ConfigError, match="train.stage: 'pretrain' is not one of"):
+    with pytest.raises(ConfigError, match="override train.stage=pretrain: 'pretrain' is not one of"):
         load_config(TrainConfig, None, ["train.stage=pretrain"])
 
 

@@ -1,4 +1,4 @@
-"""Benchmark packed (varlen) attention: ours vs SDPA per document, FlexAttention, flash-attn.
+"""Packed (varlen) attention: ours vs SDPA per document, FlexAttention, flash-attn 2/3, cuDNN.
 
     python tools/bench_attention.py --smoke                      # CPU: tiny shapes, interpreter
     python tools/bench_attention.py --csv bench.csv              # GPU: packs of 16K..128K tokens
@@ -7,6 +7,10 @@ Packs mix many short tool-use documents with a few long trajectories (the Agents
 averages ~45K tokens per trajectory). FLOPs are the causal FLOPs counted per document:
 forward ``4 * D * Hq * sum L(L+1)/2``, backward 2.5x the forward (flash-attention's convention).
 Implementations that are not installed or fail on a shape become rows with the error.
+Rows: ``ours`` (the default, deterministic 7-matmul backward), ``ours_atomic_dq`` (5-matmul
+backward, dQ by fp32 atomics), ``sdpa_loop``, ``flex``, ``flash_attn`` (flash-attn 2),
+``flash_attn3`` (flash-attn 3's Hopper build, ``flash_attn_interface``), ``cudnn`` (Transformer
+Engine's DotProductAttention on its cuDNN fused-attention backend).
 """
 from __future__ import annotations
 
@@ -85,6 +89,29 @@ def _flash_attn(q, k, v, cu, max_len):
     return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
 
 
+def _flash_attn3(q, k, v, cu, max_len):
+    from flash_attn_interface import flash_attn_varlen_func
+
+    out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+    return out[0] if isinstance(out, tuple) else out  # some releases also return the LSE
+
+
+def _cudnn(q, k, v, cu, max_len):
+    """Transformer Engine's attention forced onto cuDNN (its "fused attention" backend)."""
+    os.environ["NVTE_FLASH_ATTN"], os.environ["NVTE_FUSED_ATTN"] = "0", "1"
+    import transformer_engine.pytorch as te
+
+    attn = te.DotProductAttention(q.shape[1], q.shape[2], num_gqa_groups=k.shape[1],
+                                  attention_dropout=0.0, qkv_format="thd",
+                                  attn_mask_type="padding_causal")
+
+    def run(q, k, v):
+        out = attn(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
+                   max_seqlen_kv=max_len)
+        return out.view(q.shape)
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny CPU shapes (not a performance figure)")
@@ -93,7 +120,8 @@ def main() -> None:
     p.add_argument("--q-heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--impls", nargs="+", default=["ours", "sdpa_loop", "flex", "flash_attn"])
+    p.add_argument("--impls", nargs="+", default=["ours", "ours_atomic_dq", "sdpa_loop", "flex",
+                                                  "flash_attn", "flash_attn3", "cudnn"])
     p.add_argument("--csv", help="append the rows to this CSV file")
     args = p.parse_args()
 
@@ -116,17 +144,24 @@ def main() -> None:
             fwd_flops = causal_flops(lens, args.q_heads, d)
             impls = {
                 "ours": lambda q, k, v: packed_attention(q, k, v, cu, max(lens)),
+                "ours_atomic_dq": lambda q, k, v: packed_attention(q, k, v, cu, max(lens),
+                                                                   deterministic=False),
                 "sdpa_loop": lambda q, k, v: _sdpa_loop(q, k, v, lens),
                 "flex": lambda q, k, v: _flex(q, k, v, lens)(q, k, v),
                 "flash_attn": lambda q, k, v: _flash_attn(q, k, v, cu, max(lens)),
+                "flash_attn3": lambda q, k, v: _flash_attn3(q, k, v, cu, max(lens)),
+                "cudnn": lambda q, k, v: _cudnn(q, k, v, cu, max(lens))(q, k, v),
             }
             for name in args.impls:
                 fn = impls[name]
                 case = {"tokens": tokens, "docs": len(lens), "max_doc": max(lens), "D": d,
                         "heads": f"{args.q_heads}:{args.kv_heads}", "dtype": str(dtype)[6:]}
-                if name == "flex":  # build the block mask once, outside the timed region
+                # Build the block mask / the TE module once, outside the timed region.
+                setup = {"flex": lambda: _flex(q, k, v, lens),
+                         "cudnn": lambda: _cudnn(q, k, v, cu, max(lens))}
+                if name in setup:
                     try:
-                        run = _flex(q, k, v, lens)
+                        run = setup[name]()
                         fn = lambda q, k, v, run=run: run(q, k, v)  # noqa: E731
                     except Exception:  # noqa: BLE001 - timed call reports the error
                         pass

@@ -7,7 +7,9 @@
 For each (kernel, config, arch) of every family's ``launch_specs()`` (``a1_kernels.aot_common
 .FAMILIES``) it compiles with Triton's real compiler in parallel worker processes (never under
 ``TRITON_INTERPRET``; results cached on disk, see ``aot_common.cache_dir()``), reads registers,
-spills, shared memory and tensor-core instructions with ``cuobjdump``, and prints one Markdown
+spills, shared memory, tensor-core instructions and the main loop's SASS (instructions per
+iteration and per kFLOP of MMA, MMA shapes, cp.async/TMA/plain loads; ``aot_common.main_loop``)
+with ``cuobjdump``, and prints one Markdown
 row with the theoretical occupancy and the roofline time of one launch at the 35B-A3B shape.
 Then it counts, under the interpreter on small shapes, the bytes each kernel moves against the
 minimum the maths needs (``a1_kernels.traffic``). Exit status 1 if any compile failed.
@@ -32,6 +34,8 @@ def _quick(spec: dict) -> bool:
     shape = spec["shape"]
     if spec["kernel"].startswith("attention"):
         return shape["dtype"] == "bf16" and shape["head_dim"] in (128, 256)
+    if spec["kernel"].startswith("_ce_"):  # fused cross-entropy: bf16 logits, one rank's vocab
+        return shape["dtype"] == "bf16" and shape["tp"] == 1
     return shape.get("k") == 64 and shape.get("tp", 1) == 1 and shape.get("dtype") in ("bf16", "fp32")
 
 
@@ -39,9 +43,20 @@ def _fmt_bytes(n) -> str:
     return "-" if n is None else f"{n / 1e6:.1f}"
 
 
+def _loop_cells(r: dict) -> str:
+    """Main-loop cells: instructions per iteration (per warp), per kFLOP of MMA, MMA shapes,
+    cp.async / TMA / plain global loads per iteration."""
+    loop = r.get("main_loop") if r["compiled"] else None
+    if not loop:
+        return "- | - | - | - "
+    shapes = " ".join(f"{n}×{k.split('.', 1)[1]}" for k, n in sorted(loop["mma_shapes"].items()))
+    return (f"{loop['instructions']} | {loop['insts_per_kflop']:.2f} | {shapes} | "
+            f"{loop['ldgsts']}/{loop['utmaldg']}/{loop['ldg']}")
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ("| kernel | config | arch | ok | regs | spill B | smem B | occ | TC | GFLOP | MB | "
-            "roofline µs | bound |")
+    head = ("| kernel | config | arch | ok | regs | spill B | smem B | occ | TC | loop insts | "
+            "insts/kFLOP | loop MMAs | LDGSTS/TMA/LDG | GFLOP | MB | roofline µs | bound |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ok = "yes" if r["compiled"] else "**FAIL**"
@@ -50,7 +65,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['kernel']} | {r['config']} | {r['arch']} | {ok} | {r['registers'] or '-'} | "
             f"{r['spill_bytes'] if r['compiled'] else '-'} | {r['shared_bytes'] if r['compiled'] else '-'} | "
-            f"{occ} | {tc} | {r['flops'] / 1e9:.1f} | {_fmt_bytes(r['min_bytes'])} | "
+            f"{occ} | {tc} | {_loop_cells(r)} | {r['flops'] / 1e9:.1f} | {_fmt_bytes(r['min_bytes'])} | "
             f"{r['roofline_us']:.1f} | {r['bound']} |")
     return "\n".join(lines)
 
@@ -98,7 +113,9 @@ def main(argv=None) -> int:
             for i, spec in enumerate(specs[fam]):
                 if args.quick and not _quick(spec):
                     continue
-                jobs += [(fam, i, arch) for arch in ARCH_CHOICES[args.arch]]
+                # A tile listed for some GPUs only (attention's sm_90 tiles) is compiled for them.
+                jobs += [(fam, i, arch) for arch in ARCH_CHOICES[args.arch]
+                         if arch in spec.get("archs", ARCH_CHOICES["all"])]
 
         def progress(done, total, row):
             status = "ok" if row.get("compiled") else "FAILED"

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing store")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
 
     from megatron_a1.configs import ConfigError, load_config
     from megatron_a1.training.config import TrainConfig

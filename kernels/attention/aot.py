@@ -4,55 +4,59 @@
 131,072 tokens made of ~45K-token documents) for head dims 64/128/256 and bf16/fp16/fp32;
 ``compile_spec(spec, arch)`` compiles one for a GPU target with no GPU present (run it without
 ``TRITON_INTERPRET``). ``tools/kernel_report.py`` and ``tests/test_attention_compile.py`` use both.
+Each spec is specialised as Triton's launcher specialises the model's launch (a causal THD pack:
+``packed`` and ``causal`` are 1, hence constants; aligned tensors and 16-divisible strides and
+sizes carry ``tt.divisibility``), so the report shows the code that runs. ``archs``: the GPUs
+whose launcher picks the tile (``ops.HOPPER_CONFIGS`` differ from sm_80's).
 """
 from __future__ import annotations
 
 import torch
 
-from .ops import KERNELS, configs_for
+from ..aot_common import launch_specialization
+from .kernels import attn_bwd_kernel
+from .ops import KERNELS, configs_for, tile_kwargs
 
 MODEL_SHAPE = {"tokens": 131072, "q_heads": 16, "kv_heads": 2,
                "doc_lens": [45056, 45056, 40960], "causal": True}
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-# Tensor arguments of each kernel; every other non-constexpr argument is an i32 except the scales.
 _TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-_FP32_PTRS = {"LSE", "DELTA"}
-_SCALES = {"qk_scale", "sm_scale"}
-_CONSTEXPRS = {"HEAD_DIM", "BLOCK_M", "BLOCK_N", "FP32_DOT"}
 
 
-def _signature(fn, dtype: str) -> dict[str, str]:
-    sig = {}
+def _launch_values(fn, head_dim: int, dtype: torch.dtype) -> dict:
+    """The arguments ``ops`` passes at MODEL_SHAPE for a THD pack (causal), as stand-ins: what
+    Triton's launcher specialises on (``aot_common.launch_specialization``: dtypes, 16-byte
+    alignment, 16-divisible ints, and ints equal to 1, here ``packed`` and ``causal``, which
+    become constants)."""
+    s = MODEL_SHAPE
+    values = {}
     for name in fn.arg_names:
-        if name in _CONSTEXPRS:
-            sig[name] = "constexpr"
-        elif name in _TENSORS:
-            sig[name] = "*" + dtype
-        elif name in _FP32_PTRS:
-            sig[name] = "*fp32"
+        if name in _TENSORS:
+            fp32 = name == "DQ" and fn is attn_bwd_kernel  # the fp32 buffer dQ is added into
+            values[name] = torch.empty(0, dtype=torch.float32 if fp32 else dtype)
+        elif name in ("LSE", "DELTA"):
+            values[name] = torch.empty(0, dtype=torch.float32)
         elif name == "cu_seqlens":
-            sig[name] = "*i32"
-        elif name in _SCALES:
-            sig[name] = "fp32"
+            values[name] = torch.empty(0, dtype=torch.int32)
+        elif name.startswith("stride_"):  # [T, H, D]: (batch 0, token H * D, head D)
+            heads = s["kv_heads"] if name[7] in "kv" or name[7:9] in ("dk", "dv") else s["q_heads"]
+            values[name] = {"b": 0, "t": heads * head_dim, "h": head_dim}[name[-1]]
+        elif name in ("qk_scale", "sm_scale"):
+            values[name] = 0.0625
         else:
-            sig[name] = "i32"
-    return sig
-
-
-def _divisibility(fn) -> dict[tuple[int], list]:
-    """The 16-divisibility Triton's launcher infers at run time for aligned tensors and for the
-    strides (multiples of the head dim, or 0 for the batch stride of a pack)."""
-    hinted = _TENSORS | _FP32_PTRS | {"cu_seqlens"}
-    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-            if name in hinted or name.startswith("stride_")}
+            values[name] = {"n_docs": len(s["doc_lens"]), "n_tokens": s["tokens"], "packed": 1,
+                            "group": s["q_heads"] // s["kv_heads"],
+                            "causal": int(s["causal"])}.get(name)
+    return values
 
 
 def _work(kernel: str, head_dim: int, dtype: str) -> tuple[float, float]:
     """(flops, minimum bytes) of one launch at MODEL_SHAPE (causal FLOPs counted per document)."""
     s = MODEL_SHAPE
     pairs = sum(n * (n + 1) / 2 for n in s["doc_lens"])  # visible (query, key) pairs per head
-    matmuls = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4}[kernel]
+    # Useful matmuls (the head-dim split of "bwd"/"bwd_dkdv" at 256 recomputes S and dP).
+    matmuls = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4, "bwd": 5, "bwd_delta": 0}[kernel]
     flops = 2.0 * matmuls * pairs * head_dim * s["q_heads"]
     e = _ELEM_BYTES[dtype]
     q_like = s["tokens"] * s["q_heads"] * head_dim * e
@@ -62,8 +66,21 @@ def _work(kernel: str, head_dim: int, dtype: str) -> tuple[float, float]:
         "fwd": 2 * q_like + 2 * kv_like + rows,                 # q, k, v read; o, lse written
         "bwd_dq": 4 * q_like + 2 * kv_like + 2 * rows,          # q, o, do, k, v, lse; dq, delta
         "bwd_dkdv": 2 * q_like + 4 * kv_like + 2 * rows,        # q, do, k, v, lse, delta; dk, dv
+        # q, do, k, v, lse, delta; dk, dv; dq in fp32 (added once per visible key tile: the
+        # minimum counts one read-modify-write)
+        "bwd": 2 * q_like + 4 * kv_like + 2 * rows + 2 * q_like * 4 // e,
+        "bwd_delta": 2 * q_like + rows,                         # o, do; delta
     }[kernel]
     return flops, float(bytes_)
+
+
+def _tiles(kernel: str, head_dim: int, dtype: torch.dtype) -> list[tuple]:
+    """(tile, archs it is launched on): sm_80's list, and sm_90/sm_100's where it differs."""
+    base = configs_for(kernel, head_dim, dtype, 80)
+    hopper = configs_for(kernel, head_dim, dtype, 90)
+    if hopper == base:
+        return [(c, (80, 90, 100)) for c in base]
+    return [(c, (80,)) for c in base] + [(c, (90, 100)) for c in hopper]
 
 
 def launch_specs() -> list[dict]:
@@ -73,17 +90,23 @@ def launch_specs() -> list[dict]:
         for head_dim in (64, 128, 256):
             for torch_dtype, dtype in _TYPES.items():
                 flops, min_bytes = _work(kernel, head_dim, dtype)
-                for cfg in configs_for(kernel, head_dim, torch_dtype):
+                for cfg, archs in _tiles(kernel, head_dim, torch_dtype):
+                    consts = {"HEAD_DIM": head_dim, "FP32_DOT": dtype == "fp32",
+                              **tile_kwargs(fn, cfg, head_dim)}
+                    signature, constexprs, attrs = launch_specialization(fn, {
+                        **_launch_values(fn, head_dim, torch_dtype),
+                        **{k: v for k, v in consts.items() if k in fn.arg_names}})
                     specs.append({
                         "kernel": f"attention_{kernel}",
                         "fn": fn,
-                        "signature": _signature(fn, dtype),
-                        "constexprs": {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m,
-                                       "BLOCK_N": cfg.block_n, "FP32_DOT": dtype == "fp32"},
-                        "attrs": _divisibility(fn),
+                        "signature": signature,
+                        "constexprs": constexprs,
+                        "attrs": attrs,
                         "num_warps": cfg.num_warps,
                         "num_stages": cfg.num_stages,
                         "config": f"d{head_dim}-{dtype}-{cfg.text()}",
+                        "has_dot": kernel != "bwd_delta",
+                        "archs": archs,  # the GPUs (sm_<arch>) whose launcher picks this tile
                         "shape": dict(MODEL_SHAPE, head_dim=head_dim, dtype=dtype,
                                       math="tf32x3" if dtype == "fp32" else dtype,
                                       flops=flops, min_bytes=min_bytes),

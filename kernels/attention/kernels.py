@@ -16,6 +16,12 @@ document ``i`` owns tiles ``[cu[i] // BLOCK + i, cu[i] // BLOCK + i + cdiv(len_i
 finds its document by a binary search over ``cu_seqlens``. Tiles run in reverse order so that
 the longest causal rows start first. Inner loops visit only key tiles inside the document and
 on or below the causal diagonal; masks are applied only on the boundary tiles.
+
+Kernels: the forward; ``attn_bwd_dq_kernel`` + ``attn_bwd_dkdv_kernel`` (the deterministic,
+7-matmul backward); ``attn_bwd_delta_kernel`` + ``attn_bwd_kernel`` (5 matmuls: dK/dV per key
+tile with that tile's share of dQ added by fp32 atomics). The dK/dV kernels may split the head
+dim over programs (``D_SPLIT``): each recomputes the full-width scores and dP but accumulates
+only its columns of dK/dV (and dQ), which is what keeps head dim 256 in registers.
 """
 import triton
 import triton.language as tl
@@ -54,6 +60,8 @@ def _locate_tile(cu_seqlens, n_docs, BLOCK: tl.constexpr):
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
               col0, seqlen, causal, qk_scale, MASK: tl.constexpr, FP32_DOT: tl.constexpr):
+    # m_i is kept in scaled (log2) units: the scale then rides in the exponent's FMA,
+    # s * qk_scale - m, instead of a separate multiply of every score (qk_scale > 0).
     cols = col0 + offs_n
     k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
@@ -63,14 +71,14 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, of
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
+    s = _dot(q, tl.trans(k), FP32_DOT)
     if MASK:
         keep = (cols[None, :] < seqlen) & ((causal == 0) | (cols[None, :] <= offs_m[:, None]))
         s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     if MASK:  # a row with no visible key in this tile and none before keeps m = -inf
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
@@ -207,33 +215,135 @@ def attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-               offs_m, offs_n, offs_d, row0, seqlen, causal, qk_scale, MASK: tl.constexpr,
-               FP32_DOT: tl.constexpr):
+def _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, q_base, do_base, lse_base, delta_base,
+               dq_base, stride_qt, stride_dot, stride_dqt, offs_m, offs_n, offs_c, offs_o, row0,
+               seqlen, causal, qk_scale, MASK: tl.constexpr, SPLIT: tl.constexpr,
+               ATOMIC_DQ: tl.constexpr, FP32_DOT: tl.constexpr):
+    """One query tile against the program's key tile. ``*_own``: the head-dim columns ``offs_c``
+    whose dK/dV (and dQ) this program accumulates; ``*_oth`` (only when ``SPLIT``): the other
+    columns, needed for the full-width scores and dP."""
     rows = row0 + offs_m
-    q_ptrs = q_base + rows[:, None] * stride_qt + offs_d[None, :]
-    do_ptrs = do_base + rows[:, None] * stride_dot + offs_d[None, :]
+    row_ok = rows < seqlen
     if MASK:
-        row_ok = rows < seqlen
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_base + rows[:, None] * stride_qt + offs_c[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dot + offs_c[None, :], mask=row_ok[:, None],
+                     other=0.0)
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     else:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
+        q = tl.load(q_base + rows[:, None] * stride_qt + offs_c[None, :])
+        do = tl.load(do_base + rows[:, None] * stride_dot + offs_c[None, :])
         lse2 = tl.load(lse_base + rows) * 1.4426950408889634
         delta = tl.load(delta_base + rows)
-    # Transposed scores: [BLOCK_N keys, BLOCK_M queries].
-    pt = tl.math.exp2(_dot(k, tl.trans(q), FP32_DOT) * qk_scale - lse2[None, :])
+    # Transposed scores and dP: [BLOCK_N keys, BLOCK_M queries].
+    st = _dot(k_own, tl.trans(q), FP32_DOT)
+    dpt = _dot(v_own, tl.trans(do), FP32_DOT)
+    if SPLIT:
+        if MASK:
+            q_x = tl.load(q_base + rows[:, None] * stride_qt + offs_o[None, :],
+                          mask=row_ok[:, None], other=0.0)
+            do_x = tl.load(do_base + rows[:, None] * stride_dot + offs_o[None, :],
+                           mask=row_ok[:, None], other=0.0)
+        else:
+            q_x = tl.load(q_base + rows[:, None] * stride_qt + offs_o[None, :])
+            do_x = tl.load(do_base + rows[:, None] * stride_dot + offs_o[None, :])
+        st += _dot(k_oth, tl.trans(q_x), FP32_DOT)
+        dpt += _dot(v_oth, tl.trans(do_x), FP32_DOT)
+    pt = tl.math.exp2(st * qk_scale - lse2[None, :])
     if MASK:
         keep = (rows[None, :] < seqlen) & ((causal == 0) | (offs_n[:, None] <= rows[None, :]))
         pt = tl.where(keep, pt, 0.0)
     dv += _dot(pt.to(do.dtype), do, FP32_DOT)
-    dpt = _dot(v, tl.trans(do), FP32_DOT)
-    dst = pt * (dpt - delta[None, :])
-    dk += _dot(dst.to(q.dtype), q, FP32_DOT)
+    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+    dk += _dot(dst, q, FP32_DOT)
+    if ATOMIC_DQ:
+        # The fifth matmul: this key tile's share of dQ, added in fp32 (unscaled).
+        dq = _dot(tl.trans(dst), k_own, FP32_DOT)
+        dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_c[None, :]
+        if MASK:
+            tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
+
+
+@triton.jit
+def _dkdv_program(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, cu_seqlens,
+                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                  stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                  stride_dqb, stride_dqt, stride_dqh,
+                  n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
+                  HEAD_DIM: tl.constexpr, D_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED_STAGES: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                  FP32_DOT: tl.constexpr):
+    """dK, dV of one key tile, head-dim columns ``[c0, c0 + D_SPLIT)``, of one KV head, summed
+    over the ``group`` query heads sharing it; with ``ATOMIC_DQ`` also dQ of those columns."""
+    doc, start, seqlen, n0 = _locate_tile(cu_seqlens, n_docs, BLOCK_N)
+    if n0 < seqlen:
+        n_split: tl.constexpr = HEAD_DIM // D_SPLIT
+        SPLIT: tl.constexpr = n_split > 1
+        hk = tl.program_id(1) // n_split
+        c0 = (tl.program_id(1) % n_split) * D_SPLIT
+        tok0 = (start * packed).to(tl.int64)
+        d64 = doc.to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_c = c0 + tl.arange(0, D_SPLIT)  # columns owned (two halves at most: see SPLIT)
+        offs_o = (D_SPLIT - c0) + tl.arange(0, D_SPLIT)
+        col_ok = offs_n[:, None] < seqlen
+        k_base = K + tok0 * stride_kt + d64 * stride_kb + hk * stride_kh \
+            + offs_n[:, None] * stride_kt
+        v_base = V + tok0 * stride_vt + d64 * stride_vb + hk * stride_vh \
+            + offs_n[:, None] * stride_vt
+        k_own = tl.load(k_base + offs_c[None, :], mask=col_ok, other=0.0)
+        v_own = tl.load(v_base + offs_c[None, :], mask=col_ok, other=0.0)
+        k_oth = k_own
+        v_oth = v_own
+        if SPLIT:
+            k_oth = tl.load(k_base + offs_o[None, :], mask=col_ok, other=0.0)
+            v_oth = tl.load(v_base + offs_o[None, :], mask=col_ok, other=0.0)
+        dk = tl.zeros([BLOCK_N, D_SPLIT], tl.float32)
+        dv = tl.zeros([BLOCK_N, D_SPLIT], tl.float32)
+        # Query rows: [lo, diag) cross the diagonal (masked), [diag, full) need no mask,
+        # [full, seqlen) is the ragged end of the document (masked). The masked loops are short
+        # (cdiv(BLOCK_N, BLOCK_M) tiles, then at most one): MASKED_STAGES=1 leaves them
+        # unpipelined, which on some tiles frees the registers the pipelined main loop needs.
+        lo = n0 * 0
+        diag = n0 * 0
+        if causal != 0:
+            lo = n0
+            diag = n0 + tl.cdiv(BLOCK_N, BLOCK_M) * BLOCK_M
+        full = diag + tl.maximum(seqlen - diag, 0) // BLOCK_M * BLOCK_M
+        for g in range(0, group):
+            h = hk * group + g
+            q_base = Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
+            do_base = DO + tok0 * stride_dot + d64 * stride_dob + h * stride_doh
+            dq_base = DQ + tok0 * stride_dqt + d64 * stride_dqb + h * stride_dqh
+            lse_base = LSE + h.to(tl.int64) * n_tokens + start
+            delta_base = DELTA + h.to(tl.int64) * n_tokens + start
+            for row0 in tl.range(lo, diag, BLOCK_M, num_stages=MASKED_STAGES):
+                dk, dv = _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, q_base, do_base, lse_base,
+                                    delta_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_m,
+                                    offs_n, offs_c, offs_o, row0, seqlen, causal, qk_scale, True,
+                                    SPLIT, ATOMIC_DQ, FP32_DOT)
+            for row0 in range(diag, full, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, q_base, do_base, lse_base,
+                                    delta_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_m,
+                                    offs_n, offs_c, offs_o, row0, seqlen, causal, qk_scale, False,
+                                    SPLIT, ATOMIC_DQ, FP32_DOT)
+            for row0 in tl.range(full, seqlen, BLOCK_M, num_stages=MASKED_STAGES):
+                dk, dv = _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, q_base, do_base, lse_base,
+                                    delta_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_m,
+                                    offs_n, offs_c, offs_o, row0, seqlen, causal, qk_scale, True,
+                                    SPLIT, ATOMIC_DQ, FP32_DOT)
+        tl.store(DK + tok0 * stride_dkt + d64 * stride_dkb + hk * stride_dkh
+                 + offs_n[:, None] * stride_dkt + offs_c[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
+        tl.store(DV + tok0 * stride_dvt + d64 * stride_dvb + hk * stride_dvh
+                 + offs_n[:, None] * stride_dvt + offs_c[None, :],
+                 dv.to(DV.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
@@ -246,53 +356,65 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
     n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED_STAGES: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """dK, dV for one key tile of one KV head, summed over the ``group`` query heads sharing it."""
-    doc, start, seqlen, n0 = _locate_tile(cu_seqlens, n_docs, BLOCK_N)
-    if n0 < seqlen:
-        hk = tl.program_id(1)
+    """dK, dV for one key tile of one KV head (deterministic path: dQ comes from its own kernel).
+    Grid: (key tiles, KV heads * HEAD_DIM // D_SPLIT)."""
+    _dkdv_program(Q, K, V, DO, DK, DV, DK, LSE, DELTA, cu_seqlens,
+                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                  stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                  0, 0, 0, n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
+                  HEAD_DIM, D_SPLIT, BLOCK_M, BLOCK_N, MASKED_STAGES, False, FP32_DOT)
+
+
+@triton.jit
+def attn_bwd_kernel(
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, cu_seqlens,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_dqb, stride_dqt, stride_dqh,
+    n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED_STAGES: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """The 5-matmul backward: dK, dV of one key tile and its share of dQ, added with fp32
+    atomics into ``DQ`` (fp32, zeroed, unscaled: the caller multiplies by the softmax scale).
+    Needs DELTA from ``attn_bwd_delta_kernel``. Grid: (key tiles, KV heads * HEAD_DIM // D_SPLIT)."""
+    _dkdv_program(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, cu_seqlens,
+                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                  stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                  stride_dqb, stride_dqt, stride_dqh,
+                  n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
+                  HEAD_DIM, D_SPLIT, BLOCK_M, BLOCK_N, MASKED_STAGES, True, FP32_DOT)
+
+
+@triton.jit
+def attn_bwd_delta_kernel(
+    O, DO, DELTA, cu_seqlens,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    n_docs, n_tokens, packed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """DELTA[h, row] = rowsum(dO * O) in fp32 for one row tile of one query head."""
+    doc, start, seqlen, m0 = _locate_tile(cu_seqlens, n_docs, BLOCK_M)
+    if m0 < seqlen:
+        h = tl.program_id(1)
         tok0 = (start * packed).to(tl.int64)
         d64 = doc.to(tl.int64)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        col_ok = offs_n[:, None] < seqlen
-        k = tl.load(K + tok0 * stride_kt + d64 * stride_kb + hk * stride_kh
-                    + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok, other=0.0)
-        v = tl.load(V + tok0 * stride_vt + d64 * stride_vb + hk * stride_vh
-                    + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok, other=0.0)
-        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        # Query rows: [lo, diag) cross the diagonal (masked), [diag, full) need no mask,
-        # [full, seqlen) is the ragged end of the document (masked).
-        lo = n0 * 0
-        diag = n0 * 0
-        if causal != 0:
-            lo = n0
-            diag = n0 + tl.cdiv(BLOCK_N, BLOCK_M) * BLOCK_M
-        full = diag + tl.maximum(seqlen - diag, 0) // BLOCK_M * BLOCK_M
-        for g in range(0, group):
-            h = hk * group + g
-            q_base = Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
-            do_base = DO + tok0 * stride_dot + d64 * stride_dob + h * stride_doh
-            lse_base = LSE + h.to(tl.int64) * n_tokens + start
-            delta_base = DELTA + h.to(tl.int64) * n_tokens + start
-            for row0 in range(lo, diag, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                    stride_qt, stride_dot, offs_m, offs_n, offs_d, row0, seqlen, causal,
-                                    qk_scale, True, FP32_DOT)
-            for row0 in range(diag, full, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                    stride_qt, stride_dot, offs_m, offs_n, offs_d, row0, seqlen, causal,
-                                    qk_scale, False, FP32_DOT)
-            for row0 in range(full, seqlen, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                    stride_qt, stride_dot, offs_m, offs_n, offs_d, row0, seqlen, causal,
-                                    qk_scale, True, FP32_DOT)
-        tl.store(DK + tok0 * stride_dkt + d64 * stride_dkb + hk * stride_dkh
-                 + offs_n[:, None] * stride_dkt + offs_d[None, :],
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
-        tl.store(DV + tok0 * stride_dvt + d64 * stride_dvb + hk * stride_dvh
-                 + offs_n[:, None] * stride_dvt + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=col_ok)
+        row_ok = offs_m[:, None] < seqlen
+        o = tl.load(O + tok0 * stride_ot + d64 * stride_ob + h * stride_oh
+                    + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok, other=0.0)
+        do = tl.load(DO + tok0 * stride_dot + d64 * stride_dob + h * stride_doh
+                     + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + h.to(tl.int64) * n_tokens + start + offs_m, delta, mask=offs_m < seqlen)

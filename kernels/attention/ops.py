@@ -5,8 +5,17 @@
 
 Both go through the same two ``torch.library`` custom ops (``a1_kernels::attention_fwd`` /
 ``a1_kernels::attention_bwd``, with fake implementations, so ``torch.compile`` traces them) and
-the same three Triton kernels in ``kernels.py``: forward (saves the log-sum-exp), dQ (also
-computes ``delta = rowsum(dO * O)``), then dK/dV (summed over the query heads of each KV head).
+the Triton kernels in ``kernels.py``: the forward (saves the log-sum-exp), then one of two
+backwards:
+
+* ``deterministic=True`` (the default; 7 matmuls): a dQ kernel (also writing ``delta``) that
+  recomputes the scores and dP per query tile, then a dK/dV kernel per key tile;
+* ``deterministic=False`` (5 matmuls, FlashAttention-2's): ``delta = rowsum(dO * O)``, then one
+  kernel per key tile computing dK, dV and adding its share of dQ into an fp32 buffer with
+  atomics (the order of the additions varies from run to run: dQ is not bitwise reproducible).
+  Fewer FLOPs, but with Triton 3.7.1 its sm_90 tiles spill at head dims 128/256
+  (BENCHMARKS.md), so it is opt-in until a GPU measures it.
+
 On a GPU each kernel is autotuned over ``CONFIGS`` for its head dim and dtype; under
 ``TRITON_INTERPRET=1`` one fixed config (``INTERPRET_TILES``) is launched.
 """
@@ -20,7 +29,8 @@ import torch
 import triton
 from torch import Tensor
 
-from .kernels import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
+from .kernels import (attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel,
+                      attn_bwd_kernel, attn_fwd_kernel)
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,9 +41,17 @@ class TileConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    # dK/dV kernels: head-dim columns per program (0: all). At head dim 256 two programs share a
+    # key tile, each accumulating half of dK/dV (and dQ), so the accumulators fit in registers.
+    d_split: int = 0
+    # dK/dV kernels: software-pipeline stages of the short masked loops (0: num_stages).
+    masked_stages: int = 0
 
     def text(self) -> str:
-        return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+        split = f"-D{self.d_split}" if self.d_split else ""
+        masked = f"-m{self.masked_stages}" if self.masked_stages else ""
+        tile = f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+        return tile + split + masked
 
 
 _C = TileConfig
@@ -45,11 +63,13 @@ CONFIGS: dict[str, dict[tuple[int, int], list[TileConfig]]] = {
     "fwd": {
         # d64: (128, 64, 4, 3) and (128, 128, 8, 3) spill 16 B on sm_80 (Triton 3.7.1).
         (64, 2): [_C(128, 64, 8, 3), _C(128, 32, 4, 3), _C(64, 64, 4, 3)],
-        (128, 2): [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
-        # d256: (64, 32, 4, 2) and (128, 32, 8, 2) spill 48-192 B on sm_80 (Triton 3.7.1).
-        (256, 2): [_C(64, 64, 8, 2), _C(64, 32, 8, 2)],
-        # fp32: (64, 32, 4, 2) at d64 and (32, 32, 4, 2) at d128 spill 40-88 B on sm_80/sm_100.
-        (64, 4): [_C(16, 32, 4, 2)],
+        # d128: (64, 64, 4, 3) spills 8 B on sm_80 (Triton 3.7.1).
+        (128, 2): [_C(128, 64, 8, 3), _C(128, 32, 8, 3)],
+        # d256: (64, 64, 8, 2), (64, 32, 4, 2) and (128, 32, 8, 2) spill 8-256 B on sm_80.
+        (256, 2): [_C(64, 32, 8, 2)],
+        # fp32: (64, 32, 4, 2) at d64 and (32, 32, 4, 2) at d128 spill 40-88 B on sm_80/sm_100,
+        # (16, 32, 4, 2) at d64 8 B on sm_90.
+        (64, 4): [_C(32, 32, 8, 2)],
         (128, 4): [_C(16, 32, 4, 2)],
         (256, 4): [_C(32, 16, 4, 1)],
     },
@@ -62,17 +82,48 @@ CONFIGS: dict[str, dict[tuple[int, int], list[TileConfig]]] = {
         (128, 4): [_C(16, 32, 4, 1)],
         (256, 4): [_C(32, 16, 4, 1)],
     },
+    # dK/dV: key tiles of 64+ rows (the M of its four matmuls) so that sm_90 uses wgmma, two
+    # stages so that the query-side loads are cp.async. Wider tiles spill on sm_90 with Triton
+    # 3.7.1 (BENCHMARKS.md, "Attention kernels on Hopper").
     "bwd_dkdv": {
-        (64, 2): [_C(32, 64, 8, 2)],
-        (128, 2): [_C(32, 64, 8, 1), _C(16, 32, 4, 2)],
-        # d256: (32, 32, 8, 2) and (16, 32, 4, 2) spill 40-240 B (Triton 3.7.1, sm_80/sm_90).
-        (256, 2): [_C(16, 32, 8, 2), _C(32, 16, 8, 2)],
+        (64, 2): [_C(32, 128, 8, 2, 0, 1), _C(32, 64, 4, 2, 0, 1)],
+        (128, 2): [_C(16, 64, 8, 2)],
+        (256, 2): [_C(16, 32, 8, 2), _C(32, 16, 8, 2)],  # sm_80: mma.sync, no split
+        (64, 4): [_C(16, 32, 4, 1)],
+        (128, 4): [_C(32, 16, 8, 1)],  # (16, 16, 4, 1) spills 24 B
+        (256, 4): [_C(16, 16, 4, 1, 128)],
+    },
+    # dK/dV + atomic dQ (deterministic=False). At head dims 128/256 every bf16 tile compiled for
+    # sm_90 spills (BENCHMARKS.md); these spill least.
+    "bwd": {
+        (64, 2): [_C(64, 64, 8, 2, 0, 1)],
+        (128, 2): [_C(16, 64, 8, 2, 0, 1), _C(64, 64, 8, 2, 0, 1)],
+        (256, 2): [_C(16, 128, 8, 2, 128, 1), _C(16, 64, 8, 2, 128, 1)],
         (64, 4): [_C(16, 32, 4, 1)],
         (128, 4): [_C(16, 16, 4, 1)],
-        (256, 4): [_C(16, 16, 4, 1)],
+        (256, 4): [_C(16, 16, 4, 1, 128)],
     },
+    # rowsum(dO * O): no matmul, memory bound; one config.
+    "bwd_delta": {(d, w): [_C(64, 0, 4, 1)] for d in (64, 128, 256) for w in (2, 4)},
 }
-KERNELS = {"fwd": attn_fwd_kernel, "bwd_dq": attn_bwd_dq_kernel, "bwd_dkdv": attn_bwd_dkdv_kernel}
+# sm_90+ replacements (where a tile that suits wgmma spills on sm_80 or one that suits sm_80
+# misses wgmma): per kernel, (head dim, element bytes) -> tiles.
+HOPPER_CONFIGS: dict[str, dict[tuple[int, int], list[TileConfig]]] = {
+    # d256: (128, 32, 8, 2) gives each warpgroup its own 64 rows, (64, 64, 8, 2) splits each
+    # row's softmax over two warpgroups but issues fewer instructions per FLOP; the autotuner
+    # decides. Both spill on sm_80 (8-256 B). Spilling on sm_90 (the model's launch, Triton
+    # 3.7.1): d128 (128, 128, 8, 2|3) 32 B; d256 (128, 64, 8, 2|3) 8 B, (64, 32, 4, 2|3) 16 B,
+    # (64, 64, 4, 2) 104 B.
+    "fwd": {(256, 2): [_C(64, 64, 8, 2), _C(128, 32, 8, 2)]},
+    # (32, 32, 4, 2) is mma.sync only on sm_90.
+    "bwd_dq": {(256, 2): [_C(64, 32, 8, 2)]},
+    # Two programs per key tile, each owning half of dK/dV (spills 40 B on sm_80).
+    "bwd_dkdv": {(256, 2): [_C(16, 128, 8, 2, 128)]},
+}
+KERNELS = {"fwd": attn_fwd_kernel, "bwd_dq": attn_bwd_dq_kernel, "bwd_dkdv": attn_bwd_dkdv_kernel,
+           "bwd": attn_bwd_kernel, "bwd_delta": attn_bwd_delta_kernel}
+# Kernels whose programs cover key tiles (BLOCK_N) and may split the head dim (D_SPLIT).
+_KEY_TILED = ("bwd_dkdv", "bwd")
 # Interpreter tiles (block_m, block_n): small, so that short test documents span several tiles.
 INTERPRET_TILES = (16, 16)
 AUTOTUNE_KEY = ["n_tokens", "group", "causal"]
@@ -82,10 +133,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def configs_for(kernel: str, head_dim: int, dtype: torch.dtype) -> list[TileConfig]:
-    """The tile configs the autotuner may pick for ``kernel`` at this head dim and dtype."""
-    width = 4 if dtype == torch.float32 else 2
-    return CONFIGS[kernel][(max(head_dim, 64), width)]
+def configs_for(kernel: str, head_dim: int, dtype: torch.dtype, arch: int = 80) -> list[TileConfig]:
+    """The tile configs the autotuner may pick for ``kernel`` at this head dim and dtype on
+    ``sm_<arch>``."""
+    key = (max(head_dim, 64), 4 if dtype == torch.float32 else 2)
+    if arch >= 90 and key in HOPPER_CONFIGS.get(kernel, {}):
+        return HOPPER_CONFIGS[kernel][key]
+    return CONFIGS[kernel][key]
+
+
+def _device_arch() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def interpret_split(head_dim: int) -> int:
+    """D_SPLIT under the interpreter: head dim 256 takes the split path, as on a GPU."""
+    return 128 if head_dim > 128 else head_dim
 
 
 _tuned: dict[tuple[str, int, torch.dtype], object] = {}
@@ -93,26 +157,43 @@ _tuned: dict[tuple[str, int, torch.dtype], object] = {}
 
 def _launch(kernel: str, grid_rows: int, grid_heads: int, args: tuple, head_dim: int,
             dtype: torch.dtype, n_docs: int) -> None:
-    """Launch ``kernel`` over ``grid_rows // BLOCK + n_docs`` row tiles and ``grid_heads`` heads."""
-    block_key = "BLOCK_N" if kernel == "bwd_dkdv" else "BLOCK_M"
-    consts = dict(HEAD_DIM=head_dim, FP32_DOT=dtype == torch.float32)
+    """Launch ``kernel`` over ``grid_rows // BLOCK + n_docs`` row tiles and ``grid_heads`` heads
+    (times ``head_dim // D_SPLIT`` for the dK/dV kernels)."""
+    fn = KERNELS[kernel]
+    block_key = "BLOCK_N" if kernel in _KEY_TILED else "BLOCK_M"
+    consts = {k: v for k, v in (("HEAD_DIM", head_dim), ("FP32_DOT", dtype == torch.float32))
+              if k in fn.arg_names}
     if _interpreting():
-        consts["FP32_DOT"] = dtype in (torch.float32, torch.bfloat16)  # see kernels._dot
+        if "FP32_DOT" in consts:
+            consts["FP32_DOT"] = dtype in (torch.float32, torch.bfloat16)  # see kernels._dot
         bm, bn = INTERPRET_TILES
-        block = bn if kernel == "bwd_dkdv" else bm
-        KERNELS[kernel][(grid_rows // block + n_docs, grid_heads)](
-            *args, BLOCK_M=bm, BLOCK_N=bn, **consts, num_warps=4, num_stages=1)
+        tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "D_SPLIT": interpret_split(head_dim),
+                 "MASKED_STAGES": 1}
+        consts.update({k: v for k, v in tiles.items() if k in fn.arg_names})
+        splits = head_dim // consts.get("D_SPLIT", head_dim)
+        fn[(grid_rows // tiles[block_key] + n_docs, grid_heads * splits)](
+            *args, **consts, num_warps=4, num_stages=1)
         return
     key = (kernel, head_dim, dtype)
     if key not in _tuned:
         _tuned[key] = triton.autotune(
-            configs=[triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
-                                   num_warps=c.num_warps, num_stages=c.num_stages)
-                     for c in configs_for(kernel, head_dim, dtype)],
+            configs=[triton.Config(tile_kwargs(fn, c, head_dim), num_warps=c.num_warps,
+                                   num_stages=c.num_stages)
+                     for c in configs_for(kernel, head_dim, dtype, _device_arch())],
             key=AUTOTUNE_KEY,
-        )(KERNELS[kernel])
-    grid = lambda meta: (grid_rows // meta[block_key] + n_docs, grid_heads)  # noqa: E731
+            # Autotuning runs the kernel several times: the atomically accumulated dQ restarts.
+            reset_to_zero=["DQ"] if kernel == "bwd" else None,
+        )(fn)
+    grid = lambda meta: (grid_rows // meta[block_key] + n_docs,  # noqa: E731
+                         grid_heads * head_dim // meta.get("D_SPLIT", head_dim))
     _tuned[key][grid](*args, **consts)
+
+
+def tile_kwargs(fn, cfg: TileConfig, head_dim: int) -> dict:
+    """The constexpr tile arguments of ``fn`` for one config."""
+    kw = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "D_SPLIT": cfg.d_split or head_dim,
+          "MASKED_STAGES": cfg.masked_stages or cfg.num_stages}
+    return {k: v for k, v in kw.items() if k in fn.arg_names}
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -161,17 +242,22 @@ def _(q, k, v, cu_seqlens, causal, softmax_scale, seq_first):
 
 @torch.library.custom_op("a1_kernels::attention_bwd", mutates_args=())
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   cu_seqlens: Tensor, causal: bool,
-                   softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv), shaped like (q, k, v); rows outside every document get zero."""
+                   cu_seqlens: Tensor, causal: bool, softmax_scale: float,
+                   deterministic: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv), shaped like (q, k, v); rows outside every document get zero.
+    ``deterministic``: the 7-matmul path (dQ by its own kernel, bitwise reproducible) instead of
+    the 5-matmul one (dQ added by fp32 atomics)."""
     do = _lastdim_contiguous(do)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     n_docs = cu_seqlens.numel() - 1
-    if n_docs > 0 and _rows(q) > 0:
-        hq, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-        delta = torch.empty_like(lse)
-        common = (n_docs, _rows(q), int(q.dim() == 3), hq // hk, int(causal),
-                  softmax_scale * math.log2(math.e), softmax_scale)
+    if n_docs == 0 or _rows(q) == 0:
+        return torch.zeros_like(q), dk, dv
+    hq, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    delta = torch.empty_like(lse)
+    common = (n_docs, _rows(q), int(q.dim() == 3), hq // hk, int(causal),
+              softmax_scale * math.log2(math.e), softmax_scale)
+    if deterministic:
+        dq = torch.zeros_like(q)
         _launch("bwd_dq", _rows(q), hq,
                 (q, k, v, out, do, dq, lse, delta, cu_seqlens, *_strides(q), *_strides(k),
                  *_strides(v), *_strides(out), *_strides(do), *_strides(dq), *common),
@@ -180,11 +266,22 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                 (q, k, v, do, dk, dv, lse, delta, cu_seqlens, *_strides(q), *_strides(k),
                  *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *common),
                 d, q.dtype, n_docs)
+        return dq, dk, dv
+    _launch("bwd_delta", _rows(q), hq,
+            (out, do, delta, cu_seqlens, *_strides(out), *_strides(do), n_docs, _rows(q),
+             int(q.dim() == 3)), d, q.dtype, n_docs)
+    dq_acc = torch.zeros_like(q, dtype=torch.float32)  # q's layout (strides), fp32
+    _launch("bwd", _rows(q), hk,
+            (q, k, v, do, dk, dv, dq_acc, lse, delta, cu_seqlens, *_strides(q), *_strides(k),
+             *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *_strides(dq_acc),
+             *common), d, q.dtype, n_docs)
+    dq = torch.empty_like(q)
+    torch.mul(dq_acc, softmax_scale, out=dq)  # scale and round in one pass
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, out, lse, cu_seqlens, causal, softmax_scale):
+def _(do, q, k, v, out, lse, cu_seqlens, causal, softmax_scale, deterministic=True):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -192,19 +289,27 @@ class PackedAttentionFunction(torch.autograd.Function):
     """Autograd over the two custom ops; saves q, k, v, out and the log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, causal, softmax_scale, seq_first):
+    def forward(ctx, q, k, v, cu_seqlens, causal, softmax_scale, seq_first, deterministic):
         out, lse = torch.ops.a1_kernels.attention_fwd(q, k, v, cu_seqlens, causal, softmax_scale,
                                                       seq_first)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = torch.ops.a1_kernels.attention_bwd(do, q, k, v, out, lse, cu_seqlens,
-                                                        ctx.causal, ctx.softmax_scale)
-        return dq, dk, dv, None, None, None, None
+                                                        ctx.causal, ctx.softmax_scale,
+                                                        ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _scale(q: Tensor, softmax_scale: float | None) -> float:
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if not scale > 0:  # the kernels fold the scale into exp2(s * scale - max): needs scale > 0
+        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
+    return scale
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, dims: int) -> None:
@@ -225,7 +330,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, dims: int) -> None:
 
 
 def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, *,
-                     causal: bool = True, softmax_scale: float | None = None) -> Tensor:
+                     causal: bool = True, softmax_scale: float | None = None,
+                     deterministic: bool = True) -> Tensor:
     """Attention over documents packed back to back (THD), never across a document boundary.
 
     Args:
@@ -239,7 +345,11 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
             it is checked against ``cu_seqlens`` only when that tensor is on the CPU).
         causal: row ``i`` of a document sees keys ``0..i`` of the same document (top-left
             alignment; q and k have the same lengths); otherwise the whole document.
-        softmax_scale: defaults to ``1 / sqrt(D)``.
+        softmax_scale: defaults to ``1 / sqrt(D)``; must be > 0.
+        deterministic: backward with a separate dQ kernel (7 matmuls, bitwise reproducible;
+            the default: on sm_90 its tiles compile without spills) or, if False, with dQ
+            added by fp32 atomics in the dK/dV kernel (5 matmuls; spills at head dims 128/256
+            with Triton 3.7.1, see BENCHMARKS.md).
 
     Returns:
         [T, Hq, D] in q's dtype. Differentiable in q, k and v.
@@ -260,13 +370,15 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
             raise ValueError(f"cu_seqlens must start at 0, not decrease and end <= {q.shape[0]}")
         if lens.numel() and int(lens.max()) > max_seqlen:
             raise ValueError(f"a document of {int(lens.max())} tokens exceeds max_seqlen={max_seqlen}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = _scale(q, softmax_scale)
     q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
-    return PackedAttentionFunction.apply(q, k, v, cu_seqlens, bool(causal), scale, False)
+    return PackedAttentionFunction.apply(q, k, v, cu_seqlens, bool(causal), scale, False,
+                                         bool(deterministic))
 
 
 def batched_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
-                      softmax_scale: float | None = None, layout: str = "bshd") -> Tensor:
+                      softmax_scale: float | None = None, layout: str = "bshd",
+                      deterministic: bool = True) -> Tensor:
     """Attention over an ordinary batch of equal-length sequences, through the packed kernels.
 
     Args:
@@ -274,7 +386,8 @@ def batched_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         k, v: [B, S, Hkv, D] or [S, B, Hkv, D]; GQA, dtypes and head dims as in
             ``packed_attention``.
         causal: each row sees keys up to its own position in its own sequence.
-        softmax_scale: defaults to ``1 / sqrt(D)``.
+        softmax_scale: defaults to ``1 / sqrt(D)``; must be > 0.
+        deterministic: as in ``packed_attention``.
 
     Returns:
         Same layout and shape as q (contiguous in that layout). No copies of q, k, v are made:
@@ -288,6 +401,7 @@ def batched_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))
     b, s = q.shape[:2]
     cu_seqlens = torch.arange(b + 1, dtype=torch.int32, device=q.device) * s
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out = PackedAttentionFunction.apply(q, k, v, cu_seqlens, bool(causal), scale, layout == "sbhd")
+    scale = _scale(q, softmax_scale)
+    out = PackedAttentionFunction.apply(q, k, v, cu_seqlens, bool(causal), scale, layout == "sbhd",
+                                        bool(deterministic))
     return out.transpose(0, 1) if layout == "sbhd" else out

@@ -43,8 +43,7 @@ class FusedLinearSVAFunction(torch.autograd.Function):
         local_all = torch.empty((rows.numel(), topk), dtype=torch.int32, device=rows.device)
         coef_all = torch.empty((rows.numel(), topk), dtype=torch.float32, device=rows.device)
         with torch.no_grad():
-            for c0 in range(0, rows.numel(), chunk_size):
-                r = rows[c0:c0 + chunk_size]
+            for c0, r in row_chunks(rows, chunk_size):
                 teacher_logits = teacher_hidden[r] @ teacher_weight.t()  # [C, V_local]
                 all_rows = torch.arange(r.numel(), dtype=torch.int32, device=r.device)
                 t_on_set, local, owned = salient_set(teacher_logits, all_rows, topk, vocab_size,
@@ -87,11 +86,25 @@ def set_logits_backward(g, h, w, rows, local, ctx):
         if grad_w is not None:
             contrib = gi[:, :, None] * h[r].float()[:, None, :]  # [c, k, H]
             grad_w.index_add_(0, ids.flatten(), contrib.reshape(-1, h.shape[1]))
-    tp = ctx.tp_group
-    if (grad_h is not None and ctx.reduce_hidden_grad and tp is not None
-            and torch.distributed.get_world_size(tp) > 1):
-        torch.distributed.all_reduce(grad_h, group=tp)
+    if grad_h is not None and ctx.reduce_hidden_grad:
+        sum_over_tp(grad_h, ctx.tp_group)
     return grad_h, None if grad_w is None else grad_w.to(w.dtype)
+
+
+# The chunk machinery every fused LM-head loss shares (this one and a1_kernels.cross_entropy).
+def row_chunks(rows: torch.Tensor, chunk_size: int):
+    """``(start, rows[start:start + chunk_size])`` over the active rows [R]: a loss's token
+    chunks, each the only [chunk, V_local] logits alive at a time."""
+    for c0 in range(0, rows.numel(), chunk_size):
+        yield c0, rows[c0:c0 + chunk_size]
+
+
+def sum_over_tp(grad_h: torch.Tensor, tp_group) -> None:
+    """In place, sum the hidden-state gradient over the vocab-parallel group: each rank's head
+    only sees its vocabulary shard's part (megatron-core's copy-to-tensor-parallel-region does
+    this in backward; a sequence-parallel gather's reduce-scatter does it instead)."""
+    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+        torch.distributed.all_reduce(grad_h, group=tp_group)
 
 
 def fused_linear_sva(

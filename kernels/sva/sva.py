@@ -66,10 +66,15 @@ def _sva_topk_kernel(
     top = tl.full([KP], -9223372036854775807, tl.int64) + slots.to(tl.int64)
     thr = tl.min(top, axis=0)
     offs = tl.arange(0, BLOCK_V)
+    # The next vocabulary block is loaded one iteration ahead: its global-memory latency
+    # overlaps this block's compare / merge work instead of stalling at the top of the loop.
+    x_next = tl.load(t_row + offs, mask=offs < n_valid, other=0.0)
     for v0 in range(0, n_valid, BLOCK_V):
         cols = v0 + offs
         valid = cols < n_valid
-        x = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32) + 0.0  # -0.0 -> +0.0
+        x = x_next.to(tl.float32) + 0.0  # -0.0 -> +0.0
+        ahead = cols + BLOCK_V
+        x_next = tl.load(t_row + ahead, mask=ahead < n_valid, other=0.0)
         bits = x.to(tl.int32, bitcast=True)
         ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
         low = (2147483647 - (vocab_offset + cols)).to(tl.int64)

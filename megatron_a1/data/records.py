@@ -106,7 +106,11 @@ def parse_message(raw: Any, index: int) -> Message:
     if role not in ROLES:
         raise RecordError(f"{where}: unknown role {role!r}")
     content = _content_text(raw.get("content"), where)
-    reasoning = next((raw[k] for k in REASONING_FIELDS if raw.get(k) is not None), None)
+    reasoning = None
+    for key in REASONING_FIELDS:
+        if raw.get(key) is not None:
+            reasoning = raw[key]
+            break
     if reasoning is not None and not isinstance(reasoning, str):
         raise RecordError(f"{where}: reasoning_content must be a string")
     calls = raw.get("tool_calls") or ()

@@ -39,6 +39,7 @@ the model ended with ``<|im_end|>`` — both token-exact with the template.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
@@ -47,7 +48,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .records import Message, Trajectory, is_real_query, parse_messages, parse_tools
+from .records import Message, is_real_query, parse_messages, parse_tools
 from .tokenizer import Tokenizer
 
 POLICIES = ("split", "whole")
@@ -98,11 +99,16 @@ class _Builder:
         self.spans: list[tuple[int, int]] = []
         self.nfc = nfc
 
-    def add(self, text: str, masked: bool = False, literal: bool = False) -> None:
+    def add(self, text: str, masked: bool = False) -> None:
+        """Message text (NFC-normalised for tokenizers that normalise)."""
+        if self.nfc and not text.isascii():  # ASCII is NFC already
+            text = unicodedata.normalize("NFC", text)
+        self.lit(text, masked)
+
+    def lit(self, text: str, masked: bool = False) -> None:
+        """Template markup (ASCII, never normalised)."""
         if not text:
             return
-        if self.nfc and not literal:
-            text = unicodedata.normalize("NFC", text)
         start = self.length
         self.parts.append(text)
         self.length += len(text)
@@ -111,10 +117,6 @@ class _Builder:
                 self.spans[-1] = (self.spans[-1][0], self.length)
             else:
                 self.spans.append((start, self.length))
-
-    def lit(self, text: str, masked: bool = False) -> None:
-        """Template markup (ASCII, never normalised)."""
-        self.add(text, masked, literal=True)
 
     def result(self) -> RenderedText:
         return RenderedText("".join(self.parts), self.spans)
@@ -252,15 +254,14 @@ def document_plan(messages: list[Message], policy: str = "split") -> list[tuple[
 
 def tokenize_rendered(rendered: RenderedText, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """Token ids of the whole rendered string and the 0/1 mask of tokens overlapping a span."""
-    text = rendered.text
-    ids, starts, ends = tokenizer.encode_with_offsets(text)
-    marks = np.zeros(len(text) + 1, dtype=np.int64)
-    for a, b in rendered.spans:
-        marks[a] += 1
-        marks[b] -= 1
-    covered = np.concatenate([[0], np.cumsum(np.cumsum(marks)[:-1] > 0)])
-    mask = (covered[ends] - covered[starts]) > 0
-    return ids, mask.astype(np.int64).tolist()
+    ids, mask = tokenize_rendered_arrays(rendered, tokenizer)
+    return ids.tolist(), mask.astype(np.int64).tolist()
+
+
+def tokenize_rendered_arrays(rendered: RenderedText,
+                             tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`tokenize_rendered` as arrays: ids [T] int64 and mask [T] uint8."""
+    return tokenizer.encode_masked(rendered.text, rendered.spans)
 
 
 def _as_messages(messages) -> list[Message]:
@@ -281,21 +282,23 @@ def render(
 
     Raises :class:`~megatron_a1.data.records.RecordError` for invalid messages.
     """
+    return [Document(ids.tolist(), mask.astype(np.int64).tolist(), query, text)
+            for query, ids, mask, text in render_arrays(messages, tools, tokenizer=tokenizer,
+                                                        policy=policy, keep_text=keep_text)]
+
+
+def render_arrays(messages, tools: list[dict] | None = None, *, tokenizer: Tokenizer,
+                  policy: str = "split", keep_text: bool = False):
+    """:func:`render` as ``[(query_index, ids [T] int64, mask [T] uint8, text)]`` (text "" unless
+    ``keep_text``): the preprocessing path, which never builds Python lists of ids."""
     msgs = _as_messages(messages)
     tools = parse_tools(tools)
     docs = []
     for query, end, trained in document_plan(msgs, policy):
         rendered = render_messages(msgs[:end], tools, trained=trained, nfc=tokenizer.nfc)
-        ids, mask = tokenize_rendered(rendered, tokenizer)
-        docs.append(Document(ids, mask, query, rendered.text if keep_text else ""))
+        ids, mask = tokenize_rendered_arrays(rendered, tokenizer)
+        docs.append((query, ids, mask, rendered.text if keep_text else ""))
     return docs
-
-
-def render_trajectory(traj: Trajectory, tokenizer: Tokenizer, policy: str = "split",
-                      keep_text: bool = False) -> list[Document]:
-    """:func:`render` for a parsed :class:`~megatron_a1.data.records.Trajectory`."""
-    return render(traj.messages, traj.tools, tokenizer=tokenizer, policy=policy,
-                  keep_text=keep_text)
 
 
 def render_prompt(messages, tools: list[dict] | None = None, *, tokenizer: Tokenizer,
@@ -344,10 +347,9 @@ def _tool_content(raw: dict) -> str:
 
 def spells_special_token(messages: list[Message], specials: Iterable[str]) -> bool:
     """Whether any message text contains the spelling of a special token (for auditing)."""
-    specials = [s for s in specials if s]
-    if not specials:
+    pattern = _specials_pattern(tuple(s for s in specials if s))
+    if pattern is None:
         return False
-    pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
     for m in messages:
         for text in (m.content, m.reasoning or ""):
             if pattern.search(text):
@@ -357,3 +359,10 @@ def spells_special_token(messages: list[Message], specials: Iterable[str]) -> bo
                                                                        ensure_ascii=False)):
                 return True
     return False
+
+
+@functools.lru_cache(maxsize=8)
+def _specials_pattern(specials: tuple[str, ...]) -> re.Pattern | None:
+    if not specials:
+        return None
+    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))

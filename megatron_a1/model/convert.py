@@ -3,6 +3,11 @@
     hf_to_megatron("Qwen3.5-35B-A3B/", "ckpt/")   # then load under any TP/EP/PP layout
     megatron_to_hf("ckpt/", "hf_out/")             # from a checkpoint saved under any layout
 
+``megatron_to_hf`` takes a training checkpoint too (``megatron_a1.train``'s ``checkpoint.dir``,
+which it follows to ``latest``, or one ``iter_*`` directory): only the model's tensors are read
+(the optimizer's, however its format names them, are skipped), and the architecture comes from
+the training config stored with it.
+
 Both run in one process (world size 1; torch.distributed is initialised if needed). A
 ``dist_checkpointing`` checkpoint stores every tensor under a layout-free key with its *global*
 shape, so a checkpoint written here loads under any parallel layout and one saved under any
@@ -60,7 +65,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -316,6 +321,16 @@ class HFWriter:
             with open(os.path.join(self.path, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": self.total},
                            "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        _world_readable(self.path)
+
+
+def _world_readable(path: str) -> None:
+    """0644 files in a 0755 directory: an inference server often runs as another user (the
+    safetensors writer creates its files 0600)."""
+    os.chmod(path, 0o755)
+    for name in os.listdir(path):
+        if os.path.isfile(os.path.join(path, name)):
+            os.chmod(os.path.join(path, name), 0o644)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,9 +456,11 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: dict | None = None
                    log=print) -> A1ModelConfig:
     """Convert a ``dist_checkpointing`` checkpoint (saved under any layout) to HF safetensors.
 
-    The architecture comes from ``hf_config`` (a ``config.json`` dict), else from the
-    ``hf_conversion.json`` this module wrote next to the checkpoint. Tensor dtypes: ``dtype``
-    if given, else the HF dtypes recorded at conversion, else the checkpoint's.
+    ``ckpt_dir``: a converted or training checkpoint, or a training ``checkpoint.dir`` (its
+    ``latest`` is followed). The architecture comes from ``hf_config`` (a ``config.json`` dict),
+    else from the ``hf_conversion.json`` this module wrote next to the checkpoint, else from
+    the training config stored in it. Tensor dtypes: ``dtype`` if given, else the HF dtypes
+    recorded at conversion, else the checkpoint's. Files are written world-readable.
     """
     cfg, hf_config, tensors = iter_hf_tensors(ckpt_dir, hf_config=hf_config, dtype=dtype)
     writer = HFWriter(out_dir, max_shard_bytes)
@@ -454,6 +471,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: dict | None = None
     writer.close()
     with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
         json.dump(hf_config, f, indent=2)
+    os.chmod(os.path.join(out_dir, HF_CONFIG), 0o644)
     log(f"wrote {count} tensors ({writer.total / 2**20:.1f} MiB) to {out_dir}")
     return cfg
 
@@ -463,17 +481,48 @@ def iter_hf_tensors(ckpt_dir: str, *, hf_config: dict | None = None,
     """``(config, hf_config, tensors)``: ``tensors`` yields ``(HF name, tensor)`` of a
     ``dist_checkpointing`` checkpoint one at a time (the peak is one full tensor), for writing
     safetensors or streaming to an inference server. Arguments as :func:`megatron_to_hf`."""
+    from megatron_a1.training.checkpoint import resolve_checkpoint
+
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
+        raise ConversionError(f"{ckpt_dir} is not a dist_checkpointing checkpoint (no "
+                              "metadata.json) nor a training checkpoint.dir (no `latest`)")
     sidecar = {}
     if os.path.exists(os.path.join(ckpt_dir, SIDECAR)):
         with open(os.path.join(ckpt_dir, SIDECAR)) as f:
             sidecar = json.load(f)
-    hf_config = hf_config or sidecar.get("hf_config")
-    if hf_config is None:
-        raise ValueError(f"no architecture: pass hf_config (no {SIDECAR} in {ckpt_dir})")
+    hf_config = hf_config or sidecar.get("hf_config") or _training_hf_config(ckpt_dir)
     cfg = A1ModelConfig.from_hf_config(hf_config)
     table = mapping(cfg, hf_prefix=sidecar.get("hf_prefix", "model."),
                     per_expert=sidecar.get("per_expert", False))
     return cfg, hf_config, _stream(ckpt_dir, table, sidecar.get("hf_dtypes", {}), dtype)
+
+
+def _training_hf_config(ckpt_dir: str) -> dict:
+    """``config.json`` of the model a training checkpoint holds (its stored ``model`` section)."""
+    from megatron_a1.training.checkpoint import TRAINER_STATE
+
+    path = os.path.join(ckpt_dir, TRAINER_STATE)
+    if not os.path.isfile(path):
+        raise ConversionError(f"no architecture for {ckpt_dir}: it has neither {SIDECAR} (a "
+                              f"converted checkpoint) nor {TRAINER_STATE} (a training "
+                              "checkpoint); pass the HF config.json (--hf-config)")
+    from megatron_a1.training.config import ModelSection
+    from megatron_a1.training.model_setup import resolve_model_config
+
+    stored = (torch.load(path, weights_only=False).get("config") or {}).get("model")
+    if not stored:
+        raise ConversionError(f"{path} stores no training config; pass the HF config.json "
+                              "(--hf-config)")
+    known = {f.name for f in fields(ModelSection)}
+    return resolve_model_config(ModelSection(**{k: v for k, v in stored.items()
+                                                if k in known})).to_hf_config_dict()
+
+
+_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
+"""Optimizer state in a training checkpoint: ``optimizer.state.exp_avg.<model key>``
+(reshardable formats), ``optimizer.distributed.*`` (bucket format), ``chained_N.`` in front of
+either when megatron-core chains one optimizer per parameter kind (expert parallelism)."""
 
 
 def _stream(ckpt_dir: str, table: Mapping, hf_dtypes: dict, dtype):
@@ -482,8 +531,8 @@ def _stream(ckpt_dir: str, table: Mapping, hf_dtypes: dict, dtype):
 
     rt = _ensure_single_process()
     meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
-    # a training checkpoint also holds the distributed optimizer's state: not model weights
-    _check({k: tuple(v.global_shape) for k, v in meta.items() if not k.startswith("optimizer.")},
+    # a training checkpoint also holds the optimizer's state: not model weights
+    _check({k: tuple(v.global_shape) for k, v in meta.items() if not _OPTIMIZER_KEY.match(k)},
            {r.key: r.shape for r in table.rules}, f"checkpoint {ckpt_dir}")
 
     pieces: dict[str, list] = {}  # HF tensors assembled from row slices of several keys

@@ -1,9 +1,10 @@
 """Point a running vLLM or SGLang server at new policy weights, and tag them with a version.
 
 The trainer writes the new weights as a Hugging Face safetensors directory
-(:func:`megatron_a1.model.convert.megatron_to_hf`, or ``tools/convert_checkpoint.py mcore-to-hf``)
-on a file system every inference worker sees, then calls :meth:`update_from_disk` with the
-directory's absolute path. On success the client's :attr:`HTTPEngine.weight_version` becomes the
+(:func:`megatron_a1.model.convert.megatron_to_hf`, or ``tools/convert_checkpoint.py mcore-to-hf``:
+from the step's checkpoint under any TP/EP/PP layout, files world-readable so a server running
+as another user reads them) on a file system every inference worker sees, then calls
+:meth:`update_from_disk` with the directory's absolute path. On success the client's :attr:`HTTPEngine.weight_version` becomes the
 new version, which tags every later generation (see :mod:`megatron_a1.rollout.http`).
 
 **vLLM** (the RL control routes are mounted only with ``VLLM_SERVER_DEV_MODE=1``;

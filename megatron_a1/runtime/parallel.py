@@ -16,6 +16,7 @@ tensor-parallel RNG tracker) reproducibly.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -53,36 +54,74 @@ class ParallelConfig:
     def data_parallel(self, world_size: int) -> int:
         return world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
 
-    def validate(self, world_size: int) -> None:
-        """Raise :class:`ParallelLayoutError` naming the problem if the layout is impossible."""
+    def smallest_world_size(self) -> int:
+        """The fewest ranks this layout can be built on: both the dense part (TP x PP x CP) and
+        the experts (expert-TP x EP x PP) need whole replicas (1 if a size is invalid)."""
+        try:
+            self.validate_sizes()
+        except ParallelLayoutError:
+            return 1
+        tp, pp = self.tensor_parallel, self.pipeline_parallel
+        etp = self.expert_tensor_parallel or tp
+        return math.lcm(tp * pp * self.context_parallel, etp * self.expert_parallel * pp)
+
+    def validate_sizes(self) -> None:
+        """Raise :class:`ParallelLayoutError` unless every size is a positive integer."""
         sizes = {
             "tensor_parallel": self.tensor_parallel,
             "pipeline_parallel": self.pipeline_parallel,
             "context_parallel": self.context_parallel,
             "expert_parallel": self.expert_parallel,
+            "virtual_pipeline_parallel": self.virtual_pipeline_parallel or 1,
+            "expert_tensor_parallel": self.expert_tensor_parallel or 1,
         }
         for name, size in sizes.items():
-            if not isinstance(size, int) or size < 1:
-                raise ParallelLayoutError(f"{name} must be a positive integer, got {size!r}")
-        model_parallel = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ParallelLayoutError(f"parallel.{name}: must be a positive integer, got "
+                                          f"{getattr(self, name)!r}")
+
+    def validate(self, world_size: int) -> None:
+        """Raise :class:`ParallelLayoutError` if megatron-core cannot build this layout on
+        ``world_size`` ranks (``initialize_model_parallel``'s rules); the message names the
+        ``parallel.*`` key as the YAML spells it and a fix."""
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ParallelLayoutError(f"world size {world_size!r}: must be a positive integer")
+        self.validate_sizes()
+        tp, pp, cp, ep = (self.tensor_parallel, self.pipeline_parallel, self.context_parallel,
+                          self.expert_parallel)
+        model_parallel = tp * pp * cp
         if world_size % model_parallel:
             raise ParallelLayoutError(
-                f"world size {world_size} is not divisible by tensor_parallel "
-                f"({self.tensor_parallel}) x pipeline_parallel ({self.pipeline_parallel}) x "
-                f"context_parallel ({self.context_parallel}) = {model_parallel}"
+                f"parallel.tensor_parallel/pipeline_parallel/context_parallel: world size "
+                f"{world_size} is not divisible by tensor_parallel ({tp}) x pipeline_parallel "
+                f"({pp}) x context_parallel ({cp}) = {model_parallel}; choose sizes whose "
+                f"product divides {world_size}, or run on a multiple of {model_parallel} ranks"
             )
-        etp = self.expert_tensor_parallel or self.tensor_parallel
-        expert_model_parallel = etp * self.expert_parallel * self.pipeline_parallel
+        etp = self.expert_tensor_parallel or tp
+        expert_model_parallel = etp * ep * pp
         if world_size % expert_model_parallel:
+            said = (f"expert_tensor_parallel ({etp})" if self.expert_tensor_parallel is not None
+                    else f"expert_tensor_parallel (null -> defaults to tensor_parallel={tp})")
+            fixes = []
+            if world_size % (etp * pp) == 0:
+                fits = [e for e in range(1, ep) if world_size // (etp * pp) % e == 0]
+                fixes.append(f"parallel.expert_parallel={fits[-1]} (any divisor of "
+                             f"{world_size // (etp * pp)})")
+            if etp > 1 and world_size % (ep * pp) == 0:
+                fixes.append("parallel.expert_tensor_parallel=1")
+            fixes.append(f"a multiple of {expert_model_parallel} ranks")
             raise ParallelLayoutError(
-                f"world size {world_size} is not divisible by expert_tensor_parallel ({etp}) x "
-                f"expert_parallel ({self.expert_parallel}) x pipeline_parallel "
-                f"({self.pipeline_parallel}) = {expert_model_parallel}"
+                f"parallel.expert_parallel: world size {world_size} is not divisible by {said} "
+                f"x expert_parallel ({ep}) x pipeline_parallel ({pp}) = {expert_model_parallel}, "
+                f"the ranks one replica of the expert layers needs; use " + " or ".join(fixes)
             )
-        if self.sequence_parallel and self.tensor_parallel == 1:
-            raise ParallelLayoutError("sequence_parallel needs tensor_parallel > 1")
-        if self.virtual_pipeline_parallel is not None and self.pipeline_parallel == 1:
-            raise ParallelLayoutError("virtual_pipeline_parallel needs pipeline_parallel > 1")
+        if self.sequence_parallel and tp == 1:
+            raise ParallelLayoutError("parallel.sequence_parallel: needs tensor_parallel > 1 "
+                                      "(set parallel.sequence_parallel=false or raise "
+                                      "parallel.tensor_parallel)")
+        if self.virtual_pipeline_parallel is not None and pp == 1:
+            raise ParallelLayoutError("parallel.virtual_pipeline_parallel: needs "
+                                      "pipeline_parallel > 1 (set it to null)")
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
     python -m megatron_a1.train --config examples/configs/sft_tiny_cpu.yaml optim.lr=3e-4
 
-:func:`TrainConfig.validate` checks everything that can be checked before compute starts (the
-parallel layout against the world size, batch arithmetic, stage-specific sections, paths).
+:func:`TrainConfig.validate` checks everything that can be checked before any process group
+exists (the layout against the world size and the model, batch arithmetic, stage sections,
+datasets, paths); in a dry run what only this machine lacks (paths, a GPU) is a warning.
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from megatron_a1.configs import ConfigError
+from megatron_a1.model.backends import transformer_engine_available
 from megatron_a1.runtime import ParallelConfig, ParallelLayoutError
 from megatron_a1.training.losses import GRPOLossConfig
 from megatron_a1.training.online import RolloutSection
+from megatron_a1.training.preflight import dataset_problem, model_layout_problems
 
 
 @dataclass(kw_only=True)
@@ -99,7 +102,25 @@ class CheckpointSection:
     keep_last: int = 2
     """Complete checkpoints kept on disk."""
     resume: bool = True
-    """Resume from ``dir/latest`` when it exists."""
+    """Resume from ``dir/latest`` when it exists (an incomplete or corrupt one: see
+    ``strict_load``)."""
+    load_iteration: int | None = None
+    """Resume from ``dir/iter_<load_iteration>`` instead of the newest checkpoint (newer ones
+    are overwritten as training reaches their iterations)."""
+    load_optimizer: bool = True
+    """False: resume the weights and the data position only, with a fresh optimizer (no Adam
+    moments) and a fresh learning-rate schedule (warmup again)."""
+    load_rng: bool = True
+    """Restore each rank's RNG states (only possible under the layout that saved them); False:
+    re-seed every rank from ``train.seed + iteration``."""
+    strict_load: bool = False
+    """An incomplete or corrupt newest checkpoint is an error; False: warn, naming the bad
+    file, and resume from the newest complete older one."""
+    reshardable_optimizer: bool = True
+    """Save the distributed optimizer's state so that any TP/PP/EP/DP layout can resume it
+    (megatron-core ``fully_reshardable``: gathers each data-parallel group's state in host
+    memory while saving); False: ``dp_reshardable`` (no gather, resumes only under the same
+    TP/PP/EP)."""
 
 
 @dataclass(kw_only=True)
@@ -112,6 +133,17 @@ class LoggingSection:
     """Weights & Biases project (None: off; needs `pip install wandb`)."""
     metrics_jsonl: str | None = None
     """Append one JSON line of metrics per step here (rank 0)."""
+
+
+@dataclass(kw_only=True)
+class SFTSection:
+    fused_loss: bool = True
+    """Fused linear cross-entropy (``a1_kernels.cross_entropy``): the loss is computed chunk by
+    chunk from the final hidden states and the output-layer weight, so the [T, V] logits (and
+    their gradient) never exist. False: megatron-core's output layer + vocab-parallel
+    cross-entropy on full logits."""
+    chunk_size: int = 4096
+    """Tokens per chunk of the fused loss (memory ~ chunk_size x V / TP logits)."""
 
 
 @dataclass(kw_only=True)
@@ -165,48 +197,98 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    sft: SFTSection = field(default_factory=SFTSection)
     opd: OPDSection = field(default_factory=OPDSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
 
-    def validate(self, world_size: int) -> None:
-        """Everything checkable before compute; raises ConfigError with the offending key."""
+    def validate(self, world_size: int, *, dry_run: bool = False) -> list[str]:
+        """Check everything that can be checked before any process group or model exists.
+
+        Raises :class:`ConfigError` listing every problem found, each naming its config key and
+        a fix. What only this machine lacks (a data, checkpoint or task path that is not here, a
+        GPU for bf16 or Transformer Engine) fails a real run too; with ``dry_run`` (a cluster
+        config checked on a laptop) it is returned as warnings instead.
+        """
+        errors: list[str] = []
+        local: list[str] = []
         try:
+            self.parallel.validate_sizes()
+            errors += self._model_layout_problems(world_size)
             self.parallel.validate(world_size)
         except ParallelLayoutError as exc:
-            raise ConfigError(f"parallel: {exc}") from None
-        dp = self.parallel.data_parallel(world_size)
-        t = self.train
+            errors.append(str(exc))
+        else:
+            errors += _problems(self._validate_batch, world_size)
+        errors += _problems(self._validate_inputs, local)
+        if not dry_run:
+            errors += local
+        if len(errors) > 1:
+            raise ConfigError(f"{len(errors)} problems:\n  " + "\n  ".join(errors))
+        if errors:
+            raise ConfigError(errors[0])
+        return local
+
+    def _model_layout_problems(self, world_size: int) -> list[str]:
+        from megatron_a1.training.model_setup import resolve_model_config
+
+        try:
+            mc = resolve_model_config(self.model)
+        except ValueError as exc:  # ConfigError, or a preset field the overrides made invalid
+            return [str(exc) if isinstance(exc, ConfigError) else f"model.overrides: {exc}"]
+        key = f"model.preset={self.model.preset}" + (" with model.overrides"
+                                                     if self.model.overrides else "")
+        return model_layout_problems(mc, self.parallel, world_size, model_key=key)
+
+    def _validate_batch(self, world_size: int) -> None:
+        p, t = self.parallel, self.train
+        dp = p.data_parallel(world_size)
         if t.micro_batch_size < 1 or t.global_batch_size < 1:
             raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
         # rollout inputs (GRPO, online OPD) are packed per step and split over DP by the source;
         # the batch arithmetic below is about packed datasets
         packed = t.stage != "grpo" and not self.rollout.tasks
-        if packed and t.global_batch_size % (t.micro_batch_size * dp):
+        step = t.micro_batch_size * dp
+        if packed and t.global_batch_size % step:
             raise ConfigError(
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
-            )
-        if packed and self.parallel.pipeline_parallel > 1 and t.global_batch_size // (t.micro_batch_size * dp) < self.parallel.pipeline_parallel:
-            raise ConfigError("with pipeline parallelism, use at least as many micro-batches per "
-                              "step as pipeline stages (raise train.global_batch_size)")
+                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp} = "
+                f"world size {world_size} / (tensor_parallel {p.tensor_parallel} x "
+                f"pipeline_parallel {p.pipeline_parallel} x context_parallel "
+                f"{p.context_parallel})); use train.global_batch_size="
+                f"{max(step, t.global_batch_size // step * step)} or another multiple of {step}")
+        if packed and p.pipeline_parallel > 1 and t.global_batch_size // step < p.pipeline_parallel:
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}): with pipeline_parallel="
+                f"{p.pipeline_parallel}, use at least as many micro-batches per step as pipeline "
+                f"stages: train.global_batch_size >= {step * p.pipeline_parallel}")
+
+    def _validate_inputs(self, local: list[str]) -> None:
+        """Stage sections and input paths; a path missing on this machine goes to ``local``."""
+        t = self.train
         online = bool(self.rollout.tasks)
         if online:
-            self._validate_rollout()
+            self._validate_rollout(local)
+        if self.sft.chunk_size < 1:
+            raise ConfigError(f"sft.chunk_size must be >= 1, got {self.sft.chunk_size}")
         if t.stage == "sft" and online:
             raise ConfigError("rollout.tasks: online rollouts are for train.stage=grpo or opd")
         if t.stage != "grpo" and not online and not self.data.prefixes:
             raise ConfigError("data.prefixes: give at least one preprocessed dataset prefix")
         for p in self.data.prefixes:
-            if not os.path.exists(p + ".idx"):
-                raise ConfigError(f"data.prefixes: {p}.idx not found (run "
-                                  "tools/preprocess_trajectories.py first)")
+            if _here(p + ".idx", local, f"data.prefixes: {p}.idx not found (run "
+                     "tools/preprocess_trajectories.py first)"):
+                problem = dataset_problem(p, self.data.max_seq_len)
+                if problem:
+                    raise ConfigError(problem)
         if self.data.weights is not None and len(self.data.weights) != len(self.data.prefixes):
             raise ConfigError("data.weights: one weight per prefix")
         if t.stage == "opd":
             self._validate_teacher_kinds()
             for domain, path in self.opd.teacher_topk.items():
-                if not os.path.isfile(os.path.join(path, "manifest.json")):
+                if _here(path, local, f"opd.teacher_topk.{domain}: {path} not found (run "
+                         "tools/precompute_teacher_topk.py)") and \
+                        not os.path.isfile(os.path.join(path, "manifest.json")):
                     raise ConfigError(f"opd.teacher_topk.{domain}: {path} is not a top-k store "
                                       "(run tools/precompute_teacher_topk.py)")
             if self.parallel.pipeline_parallel > 1:
@@ -214,15 +296,24 @@ class TrainConfig:
                                   "(teachers and the fused SVA head need the last stage's "
                                   "hidden states); use parallel.pipeline_parallel=1")
             for domain, path in self.opd.teachers.items():
-                if not os.path.isdir(path):
+                if _here(path, local, f"opd.teachers.{domain}: checkpoint {path} not found") \
+                        and not os.path.isdir(path):
                     raise ConfigError(f"opd.teachers.{domain}: {path} is not a checkpoint "
                                       "directory")
         if t.stage == "grpo":
-            self._validate_grpo()
+            self._validate_grpo(local)
         if (self.checkpoint.save_interval or t.exit_interval) and not self.checkpoint.dir:
             raise ConfigError("checkpoint.save_interval and train.exit_interval need checkpoint.dir")
-        if self.model.bf16 and not _cuda():
-            raise ConfigError("model.bf16 needs a GPU; set model.bf16=false on CPU")
+        m = self.model
+        if m.init_from and _here(m.init_from, local, f"model.init_from: checkpoint {m.init_from} "
+                                 "not found") and not os.path.isdir(m.init_from):
+            raise ConfigError(f"model.init_from: {m.init_from} is not a checkpoint directory")
+        if m.bf16 and not _cuda():
+            local.append("model.bf16: needs a GPU and this machine has none; set "
+                         "model.bf16=false to run on CPU")
+        if m.backend == "te" and not transformer_engine_available():
+            local.append("model.backend=te: needs Transformer Engine and a GPU, which this "
+                         "machine lacks; use model.backend=auto (or local)")
 
     def _validate_teacher_kinds(self) -> None:
         """Every domain has exactly one teacher: co-located, precomputed or served."""
@@ -245,15 +336,16 @@ class TrainConfig:
                 raise ConfigError(f"opd.teacher_servers.{domain}: give the teacher server's base "
                                   f"URL (http://host:port), got {url!r}")
 
-    def _validate_grpo(self) -> None:
+    def _validate_grpo(self, local: list[str]) -> None:
         g = self.grpo
         if not g.rollouts and not self.rollout.tasks:
             raise ConfigError("grpo.rollouts: give the rollout-group JSONL to train on, or "
                               "rollout.tasks to generate rollouts online")
         if g.rollouts and self.rollout.tasks:
             raise ConfigError("grpo.rollouts and rollout.tasks: choose offline or online rollouts")
-        if g.rollouts and not os.path.isfile(g.rollouts):
-            raise ConfigError(f"grpo.rollouts: {g.rollouts} not found")
+        if g.rollouts and _here(g.rollouts, local, f"grpo.rollouts: {g.rollouts} not found") \
+                and not os.path.isfile(g.rollouts):
+            raise ConfigError(f"grpo.rollouts: {g.rollouts} is not a file")
         if self.parallel.pipeline_parallel > 1:
             raise ConfigError("train.stage=grpo does not support pipeline parallelism yet "
                               "(log-probs need the last stage's hidden states); use "
@@ -265,10 +357,11 @@ class TrainConfig:
         if g.kl_coef and not (g.reference or self.model.init_from):
             raise ConfigError("grpo.kl_coef > 0 needs a reference policy: set grpo.reference or "
                               "model.init_from (or grpo.kl_coef=0)")
-        if g.reference and not os.path.isdir(g.reference):
+        if g.reference and _here(g.reference, local, f"grpo.reference: checkpoint {g.reference} "
+                                 "not found") and not os.path.isdir(g.reference):
             raise ConfigError(f"grpo.reference: {g.reference} is not a checkpoint directory")
 
-    def _validate_rollout(self) -> None:
+    def _validate_rollout(self, local: list[str]) -> None:
         r, p = self.rollout, self.parallel
         if r.engine == "embedded" and max(p.tensor_parallel, p.pipeline_parallel,
                                           p.expert_parallel, p.context_parallel) > 1:
@@ -296,8 +389,9 @@ class TrainConfig:
                                   "streams a checkpoint up to rollout.max_staleness steps after it "
                                   f"is written; keep at least {r.max_staleness + 2} (or 0: all)")
         for domain, path in r.tasks.items():
-            if path != "bundled" and not os.path.isfile(path):
-                raise ConfigError(f"rollout.tasks.{domain}: {path} not found (or use 'bundled')")
+            if path != "bundled" and _here(path, local, f"rollout.tasks.{domain}: {path} not "
+                                           "found (or use 'bundled')") and not os.path.isfile(path):
+                raise ConfigError(f"rollout.tasks.{domain}: {path} is not a task file")
         if r.samples_per_prompt < 1:
             raise ConfigError("rollout.samples_per_prompt must be >= 1")
         if self.train.stage == "opd":
@@ -306,6 +400,23 @@ class TrainConfig:
             if missing:
                 raise ConfigError(f"rollout.tasks: domains {sorted(missing)} have no teacher in "
                                   "opd.teachers, opd.teacher_topk or opd.teacher_servers")
+
+
+def _problems(check, *args) -> list[str]:
+    """The problem ``check(*args)`` raises, as a list (empty: none)."""
+    try:
+        check(*args)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
+
+
+def _here(path: str, local: list[str], missing: str) -> bool:
+    """Whether ``path`` exists on this machine; if not, note ``missing`` in ``local``."""
+    if os.path.exists(path):
+        return True
+    local.append(missing)
+    return False
 
 
 def _cuda() -> bool:

@@ -30,7 +30,8 @@ log = logging.getLogger("megatron_a1.train")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a NaN/Inf loss."""
+    """Too many consecutive steps had a NaN/Inf loss or gradient norm. Raised on every rank at
+    the same step with the process groups still up (the caller tears them down)."""
 
 
 def _optimizer_config(cfg: TrainConfig) -> OptimizerConfig:
@@ -84,7 +85,8 @@ def latest_is(cfg: TrainConfig, state) -> bool:
 def run(cfg: TrainConfig) -> dict:
     """Train per ``cfg``; returns a summary (final step, last loss, checkpoint path)."""
     rt = initialize(cfg.parallel, seed=cfg.train.seed)
-    t = cfg.train
+    t, c = cfg.train, cfg.checkpoint
+    lock = ckpt.lock_dir(c.dir) if c.dir else None  # a second job on c.dir stops here
     model, info = build_model_chunks(cfg, rt)
     ddp, optimizer = setup_ddp_and_optimizer(model, _optimizer_config(cfg))
 
@@ -93,13 +95,17 @@ def run(cfg: TrainConfig) -> dict:
     scheduler = _scheduler(cfg, optimizer, total_steps)
 
     state = ckpt.TrainerState(config=to_dict(cfg))
-    latest = ckpt.latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
-    if latest:
-        state = ckpt.load_checkpoint(latest, ddp, optimizer, seed=t.seed)
-        scheduler.load_state_dict(state.scheduler)
-        log.info("resumed from %s at step %d", latest, state.iteration)
+    resumed = ckpt.resume(c.dir, ddp, optimizer, seed=t.seed, iteration=c.load_iteration,
+                          load_optimizer=c.load_optimizer, load_rng=c.load_rng,
+                          strict=c.strict_load) if c.dir and c.resume else None
+    if resumed:
+        latest, state = resumed
+        if state.scheduler is not None:  # else weights only: the fresh schedule starts over
+            scheduler.load_state_dict(state.scheduler)
+        log.info("resumed from %s at step %d%s", latest, state.iteration,
+                 "" if c.load_optimizer else " (weights only: fresh optimizer and schedule)")
     elif cfg.model.init_from:
-        ckpt.load_model_weights(ckpt.latest_checkpoint(cfg.model.init_from) or cfg.model.init_from, ddp)
+        ckpt.load_model_weights(ckpt.resolve_checkpoint(cfg.model.init_from), ddp)
         optimizer.reload_model_params()
 
     stage = make_stage(cfg, rt, info, ddp)
@@ -112,7 +118,8 @@ def run(cfg: TrainConfig) -> dict:
         state.scheduler = scheduler.state_dict()
         # before the first step the optimizer has no state: the checkpoint holds weights only
         path = ckpt.save_checkpoint(cfg.checkpoint.dir, ddp, optimizer if state.iteration else None,
-                                    state, keep_last=cfg.checkpoint.keep_last)
+                                    state, keep_last=c.keep_last,
+                                    reshardable_optimizer=c.reshardable_optimizer)
         logger.info(f"saved {path}")
         return state.iteration
 
@@ -128,11 +135,24 @@ def run(cfg: TrainConfig) -> dict:
         elapsed = time.perf_counter() - start
         if result.skipped:
             nonfinite_run += 1
-            log.warning("step %d: non-finite loss %s, update skipped (%d in a row)",
-                        state.iteration + 1, result.loss, nonfinite_run)
+            what = (f"loss {result.loss}" if not math.isfinite(result.loss) else
+                    f"gradient norm {result.grad_norm} (loss {result.loss:.4g})")
+            if logger.is_main:
+                log.warning("step %d: non-finite %s, update skipped (%d in a row)",
+                            state.iteration + 1, what, nonfinite_run)
             if nonfinite_run >= t.max_consecutive_nonfinite:
-                raise NonFiniteLossError(f"{nonfinite_run} consecutive non-finite steps; "
-                                         "lower optim.lr or check the data")
+                # every rank saw the same global loss and stops here, without a checkpoint of
+                # a run gone bad; the caller says why once, then destroys the process groups
+                source.close()
+                logger.close()
+                preempt.close()
+                if lock is not None:
+                    lock.release()
+                raise NonFiniteLossError(
+                    f"step {state.iteration + 1}: {nonfinite_run} non-finite steps in a row "
+                    f"(last: {what}; their updates were skipped); lower optim.lr (now "
+                    f"{cfg.optim.lr:g}), check the data, or raise train.max_consecutive_nonfinite "
+                    f"({t.max_consecutive_nonfinite})")
         else:
             nonfinite_run = 0
             scheduler.step(1)
@@ -164,5 +184,7 @@ def run(cfg: TrainConfig) -> dict:
                "losses": logger.history}
     logger.close()
     preempt.close()
+    if lock is not None:
+        lock.release()
     destroy()
     return summary

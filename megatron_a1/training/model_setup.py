@@ -42,6 +42,9 @@ def build_model_chunks(cfg, rt) -> tuple[list, ModelInfo]:
         rt.parallel,
         bf16=cfg.model.bf16,
         params_dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
+        # packs differ in length (padded only to a multiple of TP): pipeline stages exchange
+        # each micro-batch's shape instead of assuming data.max_seq_len tokens
+        variable_seq_lengths=rt.parallel.pipeline_parallel > 1,
         **recompute,
     )
     vpp = rt.parallel.virtual_pipeline_parallel
