@@ -131,6 +131,9 @@ IMPOSSIBLE = [
     ("preset-override-invalid", TINY, ["model.overrides={num_experts_per_tok: 1}"],
      r"model\.overrides: num_experts_per_tok=1: must be in \[2, num_experts=8\]"),
     ("world-size-0", TINY, ["--world-size", "0"], r"world size 0: must be a positive integer"),
+    ("load-iteration-without-resume", TINY, ["checkpoint.resume=false",
+                                             "checkpoint.load_iteration=3"],
+     r"checkpoint\.load_iteration=3 needs checkpoint\.resume=true"),
 ]
 
 

@@ -102,12 +102,6 @@ def _build_root(cfg: dict, new_root: str, uid: int, code: bytes) -> None:
     for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):  # merged-/usr symlinks
         if os.path.islink("/" + top):
             os.symlink(os.readlink("/" + top), r("/" + top))
-    for path in cfg["ro_paths"]:
-        os.makedirs(r(path), exist_ok=True)
-        _bind(path, r(path), _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
-    for path in cfg["hidden_paths"]:  # an empty read-only directory in its place
-        _mount("tmpfs", r(path), "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
-               "size=4k,nr_inodes=1,mode=755")
     os.mkdir(r("/proc"))
     _mount("proc", r("/proc"), "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     _bind(r("/proc/sys"), r("/proc/sys"), _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
@@ -134,6 +128,14 @@ def _build_root(cfg: dict, new_root: str, uid: int, code: bytes) -> None:
     with open(r(cfg["workdir"] + "/main.py"), "wb") as f:
         f.write(code)
     os.chown(r(cfg["workdir"] + "/main.py"), uid, uid)
+    # The read-only binds go last, over the fresh /tmp too: a checkout or venv under /tmp
+    # (CI clones, pytest's tmp_path) must stay visible, not be shadowed by the writable tmpfs.
+    for path in cfg["ro_paths"]:
+        os.makedirs(r(path), exist_ok=True)
+        _bind(path, r(path), _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    for path in cfg["hidden_paths"]:  # an empty read-only directory in its place
+        _mount("tmpfs", r(path), "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+               "size=4k,nr_inodes=1,mode=755")
     _check(_libc.umount2(r(_RW).encode(), _MNT_DETACH), "umount2(staging)")
     os.rmdir(r(_RW))
     os.chdir(new_root)

@@ -271,6 +271,10 @@ class TrainConfig:
             self._validate_rollout(local)
         if self.sft.chunk_size < 1:
             raise ConfigError(f"sft.chunk_size must be >= 1, got {self.sft.chunk_size}")
+        ck = self.checkpoint
+        if ck.load_iteration is not None and not ck.resume:
+            raise ConfigError(f"checkpoint.load_iteration={ck.load_iteration} needs "
+                              "checkpoint.resume=true (it picks which checkpoint to resume from)")
         if t.stage == "sft" and online:
             raise ConfigError("rollout.tasks: online rollouts are for train.stage=grpo or opd")
         if t.stage != "grpo" and not online and not self.data.prefixes:
