@@ -8,7 +8,7 @@ conversations, same token ids written, same worker count, each run end to end as
 
 * ``ours``: ``tools/preprocess_trajectories.py`` on trajectory JSONL — decode, validate, render
   the Qwen3.5 template natively, tokenise, derive loss masks, write tokens + masks + metadata —
-  with its default two threads per worker, and ``ours --threads 1`` with one.
+  with its default one thread per worker, and ``ours --threads 2`` with two.
 * ``megatron-lm``: Megatron-LM's own ``tools/preprocess_data.py`` from the checkout given with
   ``--megatron-lm`` (run with this interpreter, the checkout first on ``PYTHONPATH``), tokenizer
   ``HuggingFaceTokenizer`` on a ``tokenizer.json`` exported here from the same Qwen3.5
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
 
             rows = {impl: bench.run(impl, case, fn) for impl, fn in (
                 (baseline, theirs), ("ours", ours),
-                ("ours --threads 1", lambda w=w: ours(w, threads=1)))}
+                ("ours --threads 2", lambda w=w: ours(w, threads=2)))}
             for impl, row in rows.items():
                 if row.ms is None:
                     ok = False

@@ -37,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="processes that decode, render and tokenise; 1 does it in the main "
                         "process (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--threads", type=int, default=1,
                    help="threads per worker, each on its own chunk: tiktoken releases the GIL "
-                        "while encoding, so tokenisation overlaps parsing and rendering "
-                        "(default: %(default)s)")
+                        "while encoding, so tokenisation can overlap parsing and rendering; "
+                        "that pays only with spare cores (with every core busy a second "
+                        "thread measured slower) (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="documents longer than N tokens are handled per --overlong "
                         "(default: no limit)")

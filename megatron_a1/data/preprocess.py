@@ -68,9 +68,10 @@ class PreprocessConfig:
     ``.dataset.json`` and ``.report.json``."""
     workers: int = 1
     """Processes that decode, render and tokenise (1: the main process does it)."""
-    threads: int = 2
+    threads: int = 1
     """Threads per worker, each processing its own chunk: tiktoken releases the GIL while it
-    encodes, so a second thread encodes one chunk while the first parses and renders another."""
+    encodes, so a second thread encodes one chunk while the first parses and renders another.
+    That pays only with spare cores: with one worker per core, 2 threads measured slower."""
     max_seq_len: int | None = None
     """Documents longer than this are handled per ``overlong`` (None: no limit)."""
     overlong: str = "reject"
