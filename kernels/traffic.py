@@ -79,9 +79,9 @@ def attention_rows() -> list[dict]:
         ops._launch("bwd_dq", t, hq, (q, k, v, out, do, dq, lse, delta, cu, *st(q), *st(k), *st(v),
                                       *st(out), *st(do), *st(dq), *common, scale), d, dtype, len(lens))
     with count_traffic(names) as bkv:
-        ops._launch("bwd_dkdv", t, hk, (q, k, v, do, dk, dv, lse, delta, cu, *st(q), *st(k),
-                                        *st(v), *st(do), *st(dk), *st(dv), *common, scale),
-                    d, dtype, len(lens))
+        ops._launch("bwd_dkdv", t, hk, (q, k, v, do, dk, dv, dk, lse, delta, cu, *st(q), *st(k),
+                                        *st(v), *st(do), *st(dk), *st(dv), 0, 0, 0, *common,
+                                        scale), d, dtype, len(lens))
 
     def dup(tr, tensors):  # bytes re-read by the same program
         return sum(p[n][0] - p[n][1] for p in tr.per_program.values() for n in tensors if n in p)

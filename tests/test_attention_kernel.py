@@ -230,3 +230,63 @@ def test_no_leakage_between_documents(lengths, target, causal, seed):
         results.append([x[a:b] for x in (out, *grads)])
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("d,hq,hkv,causal,deterministic", [
+    (32, 4, 2, True, True), (32, 4, 2, False, True), (64, 4, 1, False, True),
+    (128, 2, 1, True, True), (256, 2, 1, True, True), (32, 4, 2, True, False)])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN rows in the interpreter's numpy
+def test_tma_path_equals_pointer_path(monkeypatch, d, hq, hkv, causal, deterministic):
+    """sm_90's loads through ragged TMA descriptors (``A1_ATTENTION_TMA=1`` runs them in the
+    interpreter) give bit for bit the pointer path's outputs and gradients, with a non-finite
+    value in one document and NaN in the rows past the last: a descriptor bounded per document
+    never lets a neighbour's rows in."""
+    lengths = [1, 23, 0, 18, 1, 37]
+    q, k, v, cu = _pack(lengths, hq, hkv, d, torch.bfloat16, extra_rows=5, seed=d)
+    n = int(cu[-1])
+    for x in (q, k, v):
+        x[n:] = float("nan")
+    v[0, 0, 0] = float("inf")  # document 0 is the single token at row 0
+    g = torch.Generator().manual_seed(1)
+    do = torch.randn(q.shape, generator=g).to(torch.bfloat16)
+    do[n:] = float("nan")
+    described = []
+    real_descriptor = ops.tma_descriptor
+    monkeypatch.setattr(ops, "tma_descriptor", lambda x: described.append(x) or real_descriptor(x))
+
+    def run(mode):
+        monkeypatch.setenv(ops.TMA_ENV, mode)
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        out = packed_attention(qq, kk, vv, cu, max(lengths), causal=causal,
+                               deterministic=deterministic)
+        return [x[:n] for x in (out, *torch.autograd.grad(out, (qq, kk, vv), do))]
+
+    pointers = run("0")
+    assert not described
+    tma = run("1")
+    assert described  # the TMA path ran
+    for name, a, b in zip(("out", "dq", "dk", "dv"), pointers, tma):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=name)
+        assert torch.isfinite(b[1:]).all(), name  # the documents after the non-finite one
+
+
+def test_tma_only_where_a_descriptor_can_address(monkeypatch):
+    """Tensors TMA cannot address (heads not adjacent, rows not 16-byte aligned) and fp32 keep
+    the pointer path."""
+    monkeypatch.setenv(ops.TMA_ENV, "1")
+    x = torch.zeros(40, 4, 32, dtype=torch.bfloat16)
+    assert ops.use_tma("fwd", 32, torch.bfloat16, x, x)
+    assert ops.tma_view(x) == (40, 128)
+    assert not ops.use_tma("fwd", 32, torch.float32, x.float())
+    fused = torch.zeros(40, 6, 32, dtype=torch.bfloat16)  # q, k, v views of one projection
+    assert ops.tma_view(fused[:, :4]) == (40, 192)
+    assert ops.tma_view(torch.zeros(40, 4, 64, dtype=torch.bfloat16)[..., :32]) is None
+    assert ops.tma_view(torch.zeros(40 * 4 * 32 + 1, dtype=torch.bfloat16)[1:].view(40, 4, 32)) is None
+    sbhd = torch.zeros(8, 5, 4, 32, dtype=torch.bfloat16).transpose(0, 1)  # batches interleaved
+    assert ops.tma_view(sbhd) is None and ops.tma_view(sbhd.contiguous()) == (40, 128)
+    assert not ops.use_tma("bwd", 32, torch.bfloat16, x)  # the atomic-dQ backward: pointers
+    monkeypatch.setenv(ops.TMA_ENV, "0")
+    assert not ops.use_tma("fwd", 32, torch.bfloat16, x)
+    monkeypatch.setenv(ops.TMA_ENV, "yes")
+    with pytest.raises(ValueError, match="A1_ATTENTION_TMA"):
+        ops.use_tma("fwd", 32, torch.bfloat16, x)

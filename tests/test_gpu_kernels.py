@@ -21,13 +21,16 @@ def _max_err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
+@pytest.mark.parametrize("tma", ["auto", "0"])
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [True, False])
-def test_packed_attention_bf16_against_fp64_reference(d, causal, deterministic):
+def test_packed_attention_bf16_against_fp64_reference(monkeypatch, d, causal, deterministic, tma):
     """Agent-like pack (many short tool turns + long documents), GQA 16:2, error within 2x of
     PyTorch's own bf16 attention error against the fp64 reference (flash-attention's rule).
-    Both backwards: dQ by its own kernel (7 matmuls) and by fp32 atomics (5 matmuls)."""
+    Both backwards: dQ by its own kernel (7 matmuls) and by fp32 atomics (5 matmuls); loads by
+    TMA (sm_90+) and by pointers (``A1_ATTENTION_TMA=0``)."""
+    monkeypatch.setenv("A1_ATTENTION_TMA", tma)
     g = torch.Generator().manual_seed(d)
     lengths = [1, 37, 512, 3000, 64, 4096, 255, 1500]
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)

@@ -7,14 +7,16 @@ Packs mix many short tool-use documents with a few long trajectories (the Agents
 averages ~45K tokens per trajectory). FLOPs are the causal FLOPs counted per document:
 forward ``4 * D * Hq * sum L(L+1)/2``, backward 2.5x the forward (flash-attention's convention).
 Implementations that are not installed or fail on a shape become rows with the error.
-Rows: ``ours`` (the default, deterministic 7-matmul backward), ``ours_atomic_dq`` (5-matmul
-backward, dQ by fp32 atomics), ``sdpa_loop``, ``flex``, ``flash_attn`` (flash-attn 2),
+Rows: ``ours`` (the default, deterministic 7-matmul backward; TMA loads on sm_90+),
+``ours_no_tma`` (the same with pointer loads, cp.async: ``A1_ATTENTION_TMA=0``),
+``ours_atomic_dq`` (5-matmul backward, dQ by fp32 atomics), ``sdpa_loop``, ``flex``, ``flash_attn`` (flash-attn 2),
 ``flash_attn3`` (flash-attn 3's Hopper build, ``flash_attn_interface``), ``cudnn`` (Transformer
 Engine's DotProductAttention on its cuDNN fused-attention backend).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 
@@ -26,6 +28,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from a1_kernels.attention import packed_attention  # noqa: E402
+from a1_kernels.attention.ops import TMA_ENV  # noqa: E402
 from megatron_a1.benchmarking import Bench  # noqa: E402
 
 
@@ -112,6 +115,21 @@ def _cudnn(q, k, v, cu, max_len):
     return run
 
 
+@contextlib.contextmanager
+def _tma_mode(mode: str | None):
+    """Sets ``A1_ATTENTION_TMA`` for a forward and its backward (None: leave it)."""
+    old = os.environ.get(TMA_ENV)
+    if mode is not None:
+        os.environ[TMA_ENV] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(TMA_ENV, None)
+        else:
+            os.environ[TMA_ENV] = old
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny CPU shapes (not a performance figure)")
@@ -120,8 +138,9 @@ def main() -> None:
     p.add_argument("--q-heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--impls", nargs="+", default=["ours", "ours_atomic_dq", "sdpa_loop", "flex",
-                                                  "flash_attn", "flash_attn3", "cudnn"])
+    p.add_argument("--impls", nargs="+", default=["ours", "ours_no_tma", "ours_atomic_dq",
+                                                  "sdpa_loop", "flex", "flash_attn",
+                                                  "flash_attn3", "cudnn"])
     p.add_argument("--csv", help="append the rows to this CSV file")
     args = p.parse_args()
 
@@ -144,6 +163,7 @@ def main() -> None:
             fwd_flops = causal_flops(lens, args.q_heads, d)
             impls = {
                 "ours": lambda q, k, v: packed_attention(q, k, v, cu, max(lens)),
+                "ours_no_tma": lambda q, k, v: packed_attention(q, k, v, cu, max(lens)),
                 "ours_atomic_dq": lambda q, k, v: packed_attention(q, k, v, cu, max(lens),
                                                                    deterministic=False),
                 "sdpa_loop": lambda q, k, v: _sdpa_loop(q, k, v, lens),
@@ -165,12 +185,13 @@ def main() -> None:
                         fn = lambda q, k, v, run=run: run(q, k, v)  # noqa: E731
                     except Exception:  # noqa: BLE001 - timed call reports the error
                         pass
-                bench.run(name, {**case, "pass": "fwd"}, lambda: fn(q, k, v), flops=fwd_flops)
                 qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
 
                 def fwd_bwd(fn=fn, qg=qg, kg=kg, vg=vg):
                     torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), do)
-                bench.run(name, {**case, "pass": "fwd+bwd"}, fwd_bwd, flops=3.5 * fwd_flops)
+                with _tma_mode("0" if name == "ours_no_tma" else None):
+                    bench.run(name, {**case, "pass": "fwd"}, lambda: fn(q, k, v), flops=fwd_flops)
+                    bench.run(name, {**case, "pass": "fwd+bwd"}, fwd_bwd, flops=3.5 * fwd_flops)
     bench.report(csv_path=args.csv)
 
 

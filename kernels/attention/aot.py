@@ -7,15 +7,17 @@
 Each spec is specialised as Triton's launcher specialises the model's launch (a causal THD pack:
 ``packed`` and ``causal`` are 1, hence constants; aligned tensors and 16-divisible strides and
 sizes carry ``tt.divisibility``), so the report shows the code that runs. ``archs``: the GPUs
-whose launcher picks the tile (``ops.HOPPER_CONFIGS`` differ from sm_80's).
+whose launcher picks the tile (``ops.HOPPER_CONFIGS`` differ from sm_80's). On sm_90+ a bf16/fp16
+kernel with ``ops.TMA_CONFIGS`` is listed twice: with its operands as TMA descriptors (what the
+model's contiguous THD packs get) and as pointers (the fallback for tensors a descriptor cannot
+address).
 """
 from __future__ import annotations
 
 import torch
 
 from ..aot_common import launch_specialization
-from .kernels import attn_bwd_kernel
-from .ops import KERNELS, configs_for, tile_kwargs
+from .ops import KERNELS, TMA_CONFIGS, TMA_OPERANDS, configs_for, kernel_constants, tma_block
 
 MODEL_SHAPE = {"tokens": 131072, "q_heads": 16, "kv_heads": 2,
                "doc_lens": [45056, 45056, 40960], "causal": True}
@@ -24,16 +26,26 @@ _ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 
 
-def _launch_values(fn, head_dim: int, dtype: torch.dtype) -> dict:
+def _launch_values(kernel: str, head_dim: int, dtype: torch.dtype, consts: dict) -> dict:
     """The arguments ``ops`` passes at MODEL_SHAPE for a THD pack (causal), as stand-ins: what
     Triton's launcher specialises on (``aot_common.launch_specialization``: dtypes, 16-byte
     alignment, 16-divisible ints, and ints equal to 1, here ``packed`` and ``causal``, which
-    become constants)."""
+    become constants; a TMA descriptor's dtype and block shape)."""
+    from triton.tools.ragged_tma import create_ragged_descriptor
+
+    fn = KERNELS[kernel]
     s = MODEL_SHAPE
     values = {}
     for name in fn.arg_names:
-        if name in _TENSORS:
-            fp32 = name == "DQ" and fn is attn_bwd_kernel  # the fp32 buffer dQ is added into
+        if consts.get("TMA") and name in TMA_OPERANDS[kernel]:
+            # A ragged descriptor (ops.tma_descriptor) over the [tokens, heads * D] view.
+            heads = s["kv_heads"] if name in ("K", "V") else s["q_heads"]
+            view = torch.empty((s["tokens"], heads * head_dim), dtype=dtype, device="meta")
+            desc = create_ragged_descriptor(view, tma_block(kernel, name, consts))
+            desc.base = torch.empty(0, dtype=dtype)  # what the specialisation reads: dtype
+            values[name] = desc
+        elif name in _TENSORS:
+            fp32 = name == "DQ" and kernel == "bwd"  # the fp32 buffer dQ is added into
             values[name] = torch.empty(0, dtype=torch.float32 if fp32 else dtype)
         elif name in ("LSE", "DELTA"):
             values[name] = torch.empty(0, dtype=torch.float32)
@@ -75,12 +87,15 @@ def _work(kernel: str, head_dim: int, dtype: str) -> tuple[float, float]:
 
 
 def _tiles(kernel: str, head_dim: int, dtype: torch.dtype) -> list[tuple]:
-    """(tile, archs it is launched on): sm_80's list, and sm_90/sm_100's where it differs."""
+    """(tile, archs it is launched on, TMA): sm_80's list, sm_90/sm_100's where it differs, and
+    sm_90/sm_100's TMA tiles (bf16/fp16)."""
     base = configs_for(kernel, head_dim, dtype, 80)
     hopper = configs_for(kernel, head_dim, dtype, 90)
-    if hopper == base:
-        return [(c, (80, 90, 100)) for c in base]
-    return [(c, (80,)) for c in base] + [(c, (90, 100)) for c in hopper]
+    tiles = [(c, (80, 90, 100), False) for c in base] if hopper == base else \
+        [(c, (80,), False) for c in base] + [(c, (90, 100), False) for c in hopper]
+    if (max(head_dim, 64), 2) in TMA_CONFIGS.get(kernel, {}) and dtype != torch.float32:
+        tiles += [(c, (90, 100), True) for c in configs_for(kernel, head_dim, dtype, 90, True)]
+    return tiles
 
 
 def launch_specs() -> list[dict]:
@@ -90,12 +105,10 @@ def launch_specs() -> list[dict]:
         for head_dim in (64, 128, 256):
             for torch_dtype, dtype in _TYPES.items():
                 flops, min_bytes = _work(kernel, head_dim, dtype)
-                for cfg, archs in _tiles(kernel, head_dim, torch_dtype):
-                    consts = {"HEAD_DIM": head_dim, "FP32_DOT": dtype == "fp32",
-                              **tile_kwargs(fn, cfg, head_dim)}
+                for cfg, archs, tma in _tiles(kernel, head_dim, torch_dtype):
+                    consts = kernel_constants(kernel, cfg, head_dim, torch_dtype, tma)
                     signature, constexprs, attrs = launch_specialization(fn, {
-                        **_launch_values(fn, head_dim, torch_dtype),
-                        **{k: v for k, v in consts.items() if k in fn.arg_names}})
+                        **_launch_values(kernel, head_dim, torch_dtype, consts), **consts})
                     specs.append({
                         "kernel": f"attention_{kernel}",
                         "fn": fn,
@@ -104,7 +117,7 @@ def launch_specs() -> list[dict]:
                         "attrs": attrs,
                         "num_warps": cfg.num_warps,
                         "num_stages": cfg.num_stages,
-                        "config": f"d{head_dim}-{dtype}-{cfg.text()}",
+                        "config": f"d{head_dim}-{dtype}-{cfg.text()}{'-tma' if tma else ''}",
                         "has_dot": kernel != "bwd_delta",
                         "archs": archs,  # the GPUs (sm_<arch>) whose launcher picks this tile
                         "shape": dict(MODEL_SHAPE, head_dim=head_dim, dtype=dtype,

@@ -18,13 +18,26 @@ the longest causal rows start first. Inner loops visit only key tiles inside the
 on or below the causal diagonal; masks are applied only on the boundary tiles.
 
 Kernels: the forward; ``attn_bwd_dq_kernel`` + ``attn_bwd_dkdv_kernel`` (the deterministic,
-7-matmul backward); ``attn_bwd_delta_kernel`` + ``attn_bwd_kernel`` (5 matmuls: dK/dV per key
-tile with that tile's share of dQ added by fp32 atomics). The dK/dV kernels may split the head
-dim over programs (``D_SPLIT``): each recomputes the full-width scores and dP but accumulates
-only its columns of dK/dV (and dQ), which is what keeps head dim 256 in registers.
+7-matmul backward); ``attn_bwd_delta_kernel`` + ``attn_bwd_dkdv_kernel(ATOMIC_DQ=True)`` (5
+matmuls: dK/dV per key tile with that tile's share of dQ added by fp32 atomics). The dK/dV
+kernel may split the head dim over programs (``D_SPLIT``): each recomputes the full-width scores
+and dP but accumulates only its columns of dK/dV (and dQ), which is what keeps head dim 256 in
+registers.
+
+Loads of the query-side tiles and of the main loops' operands (Q, K, V of the forward; Q, O, dO,
+K, V of the dQ kernel; Q, dO of the dK/dV kernel) come either through pointers (``TMA=False``: cp.async on sm_80+) or, with ``TMA=True`` (sm_90+), from
+host-side *ragged* tensor descriptors (``triton.tools.ragged_tma``) over the ``[rows, heads *
+HEAD_DIM]`` view of the tensor, row ``cu_seqlens[i] + r``: one TMA copy per tile, no address
+arithmetic, and the bounds checked by the hardware per document, so rows past a document's end
+read as zero, as the pointer path's masked loads do (never the next document's rows).
 """
 import triton
 import triton.language as tl
+
+try:  # Triton >= 3.4; without it the launchers never pick TMA (ops.use_tma)
+    from triton.tools.ragged_tma import load_ragged
+except ImportError:  # pragma: no cover - older Triton
+    load_ragged = None
 
 
 @triton.jit
@@ -58,19 +71,33 @@ def _locate_tile(cu_seqlens, n_docs, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
-              col0, seqlen, causal, qk_scale, MASK: tl.constexpr, FP32_DOT: tl.constexpr):
+def _load_rows(X, x_base, stride_t, start, row0, col, offs_r, offs_c, seqlen,
+               MASK: tl.constexpr, TMA: tl.constexpr):
+    """Rows ``row0 + offs_r`` (document-local) and columns ``col + offs_c`` of one head of the
+    document whose rows are ``[start, start + seqlen)``; rows at or past ``seqlen`` read as zero
+    (always with TMA, where the descriptor's bounds are the document's; with pointers, when
+    ``MASK``). TMA: ``X`` is a ragged descriptor over the [rows, heads * head dim] view (``col``
+    its column); otherwise ``x_base`` points at the document's row 0 of the head."""
+    if TMA:
+        x = load_ragged(X, start, seqlen, [row0, col])
+    else:
+        ptrs = x_base + (row0 + offs_r)[:, None] * stride_t + offs_c[None, :]
+        if MASK:
+            x = tl.load(ptrs, mask=(row0 + offs_r)[:, None] < seqlen, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kt, stride_vt, start, kv_col,
+              offs_m, offs_n, offs_d, col0, seqlen, causal, qk_scale, MASK: tl.constexpr,
+              TMA: tl.constexpr, FP32_DOT: tl.constexpr):
     # m_i is kept in scaled (log2) units: the scale then rides in the exponent's FMA,
     # s * qk_scale - m, instead of a separate multiply of every score (qk_scale > 0).
     cols = col0 + offs_n
-    k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
-    if MASK:
-        k = tl.load(k_ptrs, mask=cols[:, None] < seqlen, other=0.0)
-        v = tl.load(v_ptrs, mask=cols[:, None] < seqlen, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k = _load_rows(K, k_base, stride_kt, start, col0, kv_col, offs_n, offs_d, seqlen, MASK, TMA)
+    v = _load_rows(V, v_base, stride_vt, start, col0, kv_col, offs_n, offs_d, seqlen, MASK, TMA)
     s = _dot(q, tl.trans(k), FP32_DOT)
     if MASK:
         keep = (cols[None, :] < seqlen) & ((causal == 0) | (cols[None, :] <= offs_m[:, None]))
@@ -94,10 +121,13 @@ def attn_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     n_docs, n_tokens, packed, group, causal, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """O = softmax(Q K^T * scale) V per document; LSE = natural log-sum-exp of each row.
 
-    ``qk_scale`` is ``softmax_scale * log2(e)``; ``group`` = query heads per KV head.
+    ``qk_scale`` is ``softmax_scale * log2(e)``; ``group`` = query heads per KV head. ``TMA``:
+    Q, K and V are tensor descriptors with blocks [BLOCK_M | BLOCK_N, HEAD_DIM] (see the module
+    docstring).
     """
     doc, start, seqlen, m0 = _locate_tile(cu_seqlens, n_docs, BLOCK_M)
     if m0 < seqlen:
@@ -108,11 +138,16 @@ def attn_fwd_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        q_ptrs = Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh \
-            + offs_m[:, None] * stride_qt + offs_d[None, :]
-        k_base = K + tok0 * stride_kt + d64 * stride_kb + hk * stride_kh
-        v_base = V + tok0 * stride_vt + d64 * stride_vb + hk * stride_vh
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < seqlen, other=0.0)
+        if TMA:
+            q = load_ragged(Q, start, seqlen, [m0, h * HEAD_DIM])
+            k_base = K
+            v_base = V
+        else:
+            q = tl.load(Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
+                        + offs_m[:, None] * stride_qt + offs_d[None, :],
+                        mask=offs_m[:, None] < seqlen, other=0.0)
+            k_base = K + tok0 * stride_kt + d64 * stride_kb + hk * stride_kh
+            v_base = V + tok0 * stride_vt + d64 * stride_vb + hk * stride_vh
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -123,12 +158,15 @@ def attn_fwd_kernel(
         if causal != 0:
             hi = tl.minimum(seqlen, m0 + BLOCK_M)
             full = tl.minimum(full, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+        kv_col = hk * HEAD_DIM
         for col0 in range(0, full, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                                      offs_m, offs_n, offs_d, col0, seqlen, causal, qk_scale, False, FP32_DOT)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kt, stride_vt,
+                                      start, kv_col, offs_m, offs_n, offs_d, col0, seqlen, causal,
+                                      qk_scale, False, TMA, FP32_DOT)
         for col0 in range(full, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                                      offs_m, offs_n, offs_d, col0, seqlen, causal, qk_scale, True, FP32_DOT)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, k_base, v_base, stride_kt, stride_vt,
+                                      start, kv_col, offs_m, offs_n, offs_d, col0, seqlen, causal,
+                                      qk_scale, True, TMA, FP32_DOT)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         acc = acc / l_safe[:, None]
@@ -140,17 +178,12 @@ def attn_fwd_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n,
-             offs_d, col0, seqlen, causal, qk_scale, MASK: tl.constexpr, FP32_DOT: tl.constexpr):
+def _dq_tile(dq, q, do, lse2, delta, K, V, k_base, v_base, stride_kt, stride_vt, start, kv_col,
+             offs_m, offs_n, offs_d, col0, seqlen, causal, qk_scale, MASK: tl.constexpr,
+             TMA: tl.constexpr, FP32_DOT: tl.constexpr):
     cols = col0 + offs_n
-    k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
-    if MASK:
-        k = tl.load(k_ptrs, mask=cols[:, None] < seqlen, other=0.0)
-        v = tl.load(v_ptrs, mask=cols[:, None] < seqlen, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k = _load_rows(K, k_base, stride_kt, start, col0, kv_col, offs_n, offs_d, seqlen, MASK, TMA)
+    v = _load_rows(V, v_base, stride_vt, start, col0, kv_col, offs_n, offs_d, seqlen, MASK, TMA)
     p = tl.math.exp2(_dot(q, tl.trans(k), FP32_DOT) * qk_scale - lse2[:, None])
     if MASK:
         keep = (cols[None, :] < seqlen) & ((causal == 0) | (cols[None, :] <= offs_m[:, None]))
@@ -172,8 +205,11 @@ def attn_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """dQ for one query tile; also writes DELTA = rowsum(dO * O) for the dK/dV kernel."""
+    """dQ for one query tile; also writes DELTA = rowsum(dO * O) for the dK/dV kernel.
+    ``TMA``: Q, O, dO (blocks [BLOCK_M, HEAD_DIM]) and K, V ([BLOCK_N, HEAD_DIM]) are tensor
+    descriptors."""
     doc, start, seqlen, m0 = _locate_tile(cu_seqlens, n_docs, BLOCK_M)
     if m0 < seqlen:
         h = tl.program_id(1)
@@ -184,19 +220,29 @@ def attn_bwd_dq_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m[:, None] < seqlen
-        q = tl.load(Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
-                    + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok, other=0.0)
-        o = tl.load(O + tok0 * stride_ot + d64 * stride_ob + h * stride_oh
-                    + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok, other=0.0)
-        do = tl.load(DO + tok0 * stride_dot + d64 * stride_dob + h * stride_doh
-                     + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok, other=0.0)
+        if TMA:
+            q = load_ragged(Q, start, seqlen, [m0, h * HEAD_DIM])
+            o = load_ragged(O, start, seqlen, [m0, h * HEAD_DIM])
+            do = load_ragged(DO, start, seqlen, [m0, h * HEAD_DIM])
+        else:
+            q = tl.load(Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
+                        + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok, other=0.0)
+            o = tl.load(O + tok0 * stride_ot + d64 * stride_ob + h * stride_oh
+                        + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok, other=0.0)
+            do = tl.load(DO + tok0 * stride_dot + d64 * stride_dob + h * stride_doh
+                         + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         row_idx = h.to(tl.int64) * n_tokens + start + offs_m
         tl.store(DELTA + row_idx, delta, mask=offs_m < seqlen)
         lse2 = tl.load(LSE + row_idx, mask=offs_m < seqlen, other=0.0) * 1.4426950408889634
 
-        k_base = K + tok0 * stride_kt + d64 * stride_kb + hk * stride_kh
-        v_base = V + tok0 * stride_vt + d64 * stride_vb + hk * stride_vh
+        if TMA:
+            k_base = K
+            v_base = V
+        else:
+            k_base = K + tok0 * stride_kt + d64 * stride_kb + hk * stride_kh
+            v_base = V + tok0 * stride_vt + d64 * stride_vb + hk * stride_vh
+        kv_col = hk * HEAD_DIM
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         hi = seqlen
         full = (seqlen // BLOCK_N) * BLOCK_N
@@ -204,50 +250,45 @@ def attn_bwd_dq_kernel(
             hi = tl.minimum(seqlen, m0 + BLOCK_M)
             full = tl.minimum(full, ((m0 + 1) // BLOCK_N) * BLOCK_N)
         for col0 in range(0, full, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                          offs_n, offs_d, col0, seqlen, causal, qk_scale, False, FP32_DOT)
+            dq = _dq_tile(dq, q, do, lse2, delta, K, V, k_base, v_base, stride_kt, stride_vt,
+                          start, kv_col, offs_m, offs_n, offs_d, col0, seqlen, causal, qk_scale,
+                          False, TMA, FP32_DOT)
         for col0 in range(full, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                          offs_n, offs_d, col0, seqlen, causal, qk_scale, True, FP32_DOT)
+            dq = _dq_tile(dq, q, do, lse2, delta, K, V, k_base, v_base, stride_kt, stride_vt,
+                          start, kv_col, offs_m, offs_n, offs_d, col0, seqlen, causal, qk_scale,
+                          True, TMA, FP32_DOT)
         tl.store(DQ + tok0 * stride_dqt + d64 * stride_dqb + h * stride_dqh
                  + offs_m[:, None] * stride_dqt + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, q_base, do_base, lse_base, delta_base,
-               dq_base, stride_qt, stride_dot, stride_dqt, offs_m, offs_n, offs_c, offs_o, row0,
-               seqlen, causal, qk_scale, MASK: tl.constexpr, SPLIT: tl.constexpr,
-               ATOMIC_DQ: tl.constexpr, FP32_DOT: tl.constexpr):
+def _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, Q, DO, q_base, do_base, lse_base, delta_base,
+               dq_base, stride_qt, stride_dot, stride_dqt, start, q_col, o_col, offs_m, offs_n,
+               offs_c, offs_o, row0, seqlen, causal, qk_scale, MASK: tl.constexpr,
+               SPLIT: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr,
+               FP32_DOT: tl.constexpr):
     """One query tile against the program's key tile. ``*_own``: the head-dim columns ``offs_c``
-    whose dK/dV (and dQ) this program accumulates; ``*_oth`` (only when ``SPLIT``): the other
-    columns, needed for the full-width scores and dP."""
+    (``q_col`` in the descriptor's view) whose dK/dV (and dQ) this program accumulates;
+    ``*_oth`` (only when ``SPLIT``): the other columns, needed for the full-width scores and dP."""
     rows = row0 + offs_m
     row_ok = rows < seqlen
+    q = _load_rows(Q, q_base, stride_qt, start, row0, q_col, offs_m, offs_c, seqlen, MASK, TMA)
+    do = _load_rows(DO, do_base, stride_dot, start, row0, q_col, offs_m, offs_c, seqlen, MASK, TMA)
     if MASK:
-        q = tl.load(q_base + rows[:, None] * stride_qt + offs_c[None, :], mask=row_ok[:, None],
-                    other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dot + offs_c[None, :], mask=row_ok[:, None],
-                     other=0.0)
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     else:
-        q = tl.load(q_base + rows[:, None] * stride_qt + offs_c[None, :])
-        do = tl.load(do_base + rows[:, None] * stride_dot + offs_c[None, :])
         lse2 = tl.load(lse_base + rows) * 1.4426950408889634
         delta = tl.load(delta_base + rows)
     # Transposed scores and dP: [BLOCK_N keys, BLOCK_M queries].
     st = _dot(k_own, tl.trans(q), FP32_DOT)
     dpt = _dot(v_own, tl.trans(do), FP32_DOT)
     if SPLIT:
-        if MASK:
-            q_x = tl.load(q_base + rows[:, None] * stride_qt + offs_o[None, :],
-                          mask=row_ok[:, None], other=0.0)
-            do_x = tl.load(do_base + rows[:, None] * stride_dot + offs_o[None, :],
-                           mask=row_ok[:, None], other=0.0)
-        else:
-            q_x = tl.load(q_base + rows[:, None] * stride_qt + offs_o[None, :])
-            do_x = tl.load(do_base + rows[:, None] * stride_dot + offs_o[None, :])
+        q_x = _load_rows(Q, q_base, stride_qt, start, row0, o_col, offs_m, offs_o, seqlen, MASK,
+                         TMA)
+        do_x = _load_rows(DO, do_base, stride_dot, start, row0, o_col, offs_m, offs_o, seqlen,
+                          MASK, TMA)
         st += _dot(k_oth, tl.trans(q_x), FP32_DOT)
         dpt += _dot(v_oth, tl.trans(do_x), FP32_DOT)
     pt = tl.math.exp2(st * qk_scale - lse2[None, :])
@@ -269,17 +310,28 @@ def _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, q_base, do_base, lse_base, de
 
 
 @triton.jit
-def _dkdv_program(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, cu_seqlens,
-                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
-                  stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                  stride_dqb, stride_dqt, stride_dqh,
-                  n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
-                  HEAD_DIM: tl.constexpr, D_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, MASKED_STAGES: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                  FP32_DOT: tl.constexpr):
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, cu_seqlens,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_dqb, stride_dqt, stride_dqh,
+    n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED_STAGES: tl.constexpr, ATOMIC_DQ: tl.constexpr, FP32_DOT: tl.constexpr,
+    TMA: tl.constexpr,
+):
     """dK, dV of one key tile, head-dim columns ``[c0, c0 + D_SPLIT)``, of one KV head, summed
-    over the ``group`` query heads sharing it; with ``ATOMIC_DQ`` also dQ of those columns."""
+    over the ``group`` query heads sharing it. Needs DELTA (from the dQ kernel or
+    ``attn_bwd_delta_kernel``). Grid: (key tiles, KV heads * HEAD_DIM // D_SPLIT).
+
+    ``ATOMIC_DQ=False``: the deterministic path (dQ comes from its own kernel; ``DQ`` unused).
+    ``ATOMIC_DQ=True``: the 5-matmul backward; this key tile's share of dQ is added with fp32
+    atomics into ``DQ`` (fp32, zeroed, unscaled: the caller multiplies by the softmax scale).
+    ``TMA``: Q and dO are tensor descriptors with blocks [BLOCK_M, D_SPLIT]."""
     doc, start, seqlen, n0 = _locate_tile(cu_seqlens, n_docs, BLOCK_N)
     if n0 < seqlen:
         n_split: tl.constexpr = HEAD_DIM // D_SPLIT
@@ -318,81 +370,41 @@ def _dkdv_program(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, cu_seqlens,
         full = diag + tl.maximum(seqlen - diag, 0) // BLOCK_M * BLOCK_M
         for g in range(0, group):
             h = hk * group + g
-            q_base = Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
-            do_base = DO + tok0 * stride_dot + d64 * stride_dob + h * stride_doh
+            if TMA:
+                q_base = Q
+                do_base = DO
+            else:
+                q_base = Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
+                do_base = DO + tok0 * stride_dot + d64 * stride_dob + h * stride_doh
+            q_col = h * HEAD_DIM + c0
+            o_col = h * HEAD_DIM + (D_SPLIT - c0)
             dq_base = DQ + tok0 * stride_dqt + d64 * stride_dqb + h * stride_dqh
             lse_base = LSE + h.to(tl.int64) * n_tokens + start
             delta_base = DELTA + h.to(tl.int64) * n_tokens + start
             for row0 in tl.range(lo, diag, BLOCK_M, num_stages=MASKED_STAGES):
-                dk, dv = _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, q_base, do_base, lse_base,
-                                    delta_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_m,
-                                    offs_n, offs_c, offs_o, row0, seqlen, causal, qk_scale, True,
-                                    SPLIT, ATOMIC_DQ, FP32_DOT)
+                dk, dv = _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, Q, DO, q_base, do_base,
+                                    lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                                    stride_dqt, start, q_col, o_col, offs_m, offs_n, offs_c,
+                                    offs_o, row0, seqlen, causal, qk_scale, True, SPLIT,
+                                    ATOMIC_DQ, TMA, FP32_DOT)
             for row0 in range(diag, full, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, q_base, do_base, lse_base,
-                                    delta_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_m,
-                                    offs_n, offs_c, offs_o, row0, seqlen, causal, qk_scale, False,
-                                    SPLIT, ATOMIC_DQ, FP32_DOT)
+                dk, dv = _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, Q, DO, q_base, do_base,
+                                    lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                                    stride_dqt, start, q_col, o_col, offs_m, offs_n, offs_c,
+                                    offs_o, row0, seqlen, causal, qk_scale, False, SPLIT,
+                                    ATOMIC_DQ, TMA, FP32_DOT)
             for row0 in tl.range(full, seqlen, BLOCK_M, num_stages=MASKED_STAGES):
-                dk, dv = _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, q_base, do_base, lse_base,
-                                    delta_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_m,
-                                    offs_n, offs_c, offs_o, row0, seqlen, causal, qk_scale, True,
-                                    SPLIT, ATOMIC_DQ, FP32_DOT)
+                dk, dv = _dkdv_tile(dk, dv, k_own, v_own, k_oth, v_oth, Q, DO, q_base, do_base,
+                                    lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                                    stride_dqt, start, q_col, o_col, offs_m, offs_n, offs_c,
+                                    offs_o, row0, seqlen, causal, qk_scale, True, SPLIT,
+                                    ATOMIC_DQ, TMA, FP32_DOT)
         tl.store(DK + tok0 * stride_dkt + d64 * stride_dkb + hk * stride_dkh
                  + offs_n[:, None] * stride_dkt + offs_c[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
         tl.store(DV + tok0 * stride_dvt + d64 * stride_dvb + hk * stride_dvh
                  + offs_n[:, None] * stride_dvt + offs_c[None, :],
                  dv.to(DV.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    stride_dkb, stride_dkt, stride_dkh,
-    stride_dvb, stride_dvt, stride_dvh,
-    n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, D_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED_STAGES: tl.constexpr, FP32_DOT: tl.constexpr,
-):
-    """dK, dV for one key tile of one KV head (deterministic path: dQ comes from its own kernel).
-    Grid: (key tiles, KV heads * HEAD_DIM // D_SPLIT)."""
-    _dkdv_program(Q, K, V, DO, DK, DV, DK, LSE, DELTA, cu_seqlens,
-                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
-                  stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                  0, 0, 0, n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
-                  HEAD_DIM, D_SPLIT, BLOCK_M, BLOCK_N, MASKED_STAGES, False, FP32_DOT)
-
-
-@triton.jit
-def attn_bwd_kernel(
-    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, cu_seqlens,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    stride_dkb, stride_dkt, stride_dkh,
-    stride_dvb, stride_dvt, stride_dvh,
-    stride_dqb, stride_dqt, stride_dqh,
-    n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, D_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED_STAGES: tl.constexpr, FP32_DOT: tl.constexpr,
-):
-    """The 5-matmul backward: dK, dV of one key tile and its share of dQ, added with fp32
-    atomics into ``DQ`` (fp32, zeroed, unscaled: the caller multiplies by the softmax scale).
-    Needs DELTA from ``attn_bwd_delta_kernel``. Grid: (key tiles, KV heads * HEAD_DIM // D_SPLIT)."""
-    _dkdv_program(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, cu_seqlens,
-                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
-                  stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                  stride_dqb, stride_dqt, stride_dqh,
-                  n_docs, n_tokens, packed, group, causal, qk_scale, sm_scale,
-                  HEAD_DIM, D_SPLIT, BLOCK_M, BLOCK_N, MASKED_STAGES, True, FP32_DOT)
 
 
 @triton.jit

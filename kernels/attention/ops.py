@@ -29,8 +29,8 @@ import torch
 import triton
 from torch import Tensor
 
-from .kernels import (attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel,
-                      attn_bwd_kernel, attn_fwd_kernel)
+from . import kernels
+from .kernels import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -120,23 +120,57 @@ HOPPER_CONFIGS: dict[str, dict[tuple[int, int], list[TileConfig]]] = {
     # Two programs per key tile, each owning half of dK/dV (spills 40 B on sm_80).
     "bwd_dkdv": {(256, 2): [_C(16, 128, 8, 2, 128)]},
 }
+# sm_90+, bf16/fp16, with the query-side tiles and main-loop operands loaded by TMA (ragged
+# descriptors, ``use_tma``): no address arithmetic in the loop, which is what lets the wide tiles
+# fit without spills (sm_90, Triton 3.7.1: fwd d128 M128 N128 196 registers, 32 B of spills with
+# pointers). Kernels and head dims missing here keep pointers on every GPU: the dK/dV kernel at
+# d256 spills 144-544 B with TMA (0 with cp.async), the atomic-dQ backward spills either way
+# (BENCHMARKS.md, "Attention kernels on Hopper").
+TMA_CONFIGS: dict[str, dict[tuple[int, int], list[TileConfig]]] = {
+    "fwd": {
+        (64, 2): [_C(128, 128, 8, 3), _C(128, 64, 8, 3)],
+        (128, 2): [_C(128, 128, 8, 2), _C(128, 64, 8, 3)],
+        # M128 on 8 warps: each warpgroup owns 64 rows and their softmax.
+        (256, 2): [_C(128, 64, 8, 2), _C(64, 64, 8, 2)],
+    },
+    "bwd_dq": {
+        (64, 2): [_C(128, 128, 8, 2), _C(64, 64, 4, 3)],
+        (128, 2): [_C(128, 128, 8, 2), _C(128, 64, 8, 2)],
+        (256, 2): [_C(128, 32, 8, 2), _C(64, 64, 8, 2)],
+    },
+    "bwd_dkdv": {
+        (64, 2): [_C(64, 64, 4, 2, 0, 1), _C(32, 128, 8, 2, 0, 1)],
+        # M16 N64 with TMA: 1.53 main-loop instructions per kFLOP vs 1.11 with cp.async.
+        (128, 2): [_C(32, 64, 8, 2)],
+    },
+}
 KERNELS = {"fwd": attn_fwd_kernel, "bwd_dq": attn_bwd_dq_kernel, "bwd_dkdv": attn_bwd_dkdv_kernel,
-           "bwd": attn_bwd_kernel, "bwd_delta": attn_bwd_delta_kernel}
+           "bwd": attn_bwd_dkdv_kernel, "bwd_delta": attn_bwd_delta_kernel}
 # Kernels whose programs cover key tiles (BLOCK_N) and may split the head dim (D_SPLIT).
 _KEY_TILED = ("bwd_dkdv", "bwd")
+# The tensors each kernel loads through TMA when ``use_tma``: its query-side tiles and the
+# operands its main loop streams.
+TMA_OPERANDS = {"fwd": ("Q", "K", "V"), "bwd_dq": ("Q", "K", "V", "O", "DO"),
+                "bwd_dkdv": ("Q", "DO")}
 # Interpreter tiles (block_m, block_n): small, so that short test documents span several tiles.
 INTERPRET_TILES = (16, 16)
 AUTOTUNE_KEY = ["n_tokens", "group", "causal"]
+# "auto": TMA on sm_90+ for bf16/fp16 when the tensors allow it (never under the interpreter);
+# "1": also under the interpreter (what the tests use to run that path on CPU); "0": never.
+TMA_ENV = "A1_ATTENTION_TMA"
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def configs_for(kernel: str, head_dim: int, dtype: torch.dtype, arch: int = 80) -> list[TileConfig]:
+def configs_for(kernel: str, head_dim: int, dtype: torch.dtype, arch: int = 80,
+                tma: bool = False) -> list[TileConfig]:
     """The tile configs the autotuner may pick for ``kernel`` at this head dim and dtype on
-    ``sm_<arch>``."""
-    key = (max(head_dim, 64), 4 if dtype == torch.float32 else 2)
+    ``sm_<arch>``, with the main-loop operands loaded by TMA or not."""
+    key = _config_key(head_dim, dtype)
+    if tma and arch >= 90 and key in TMA_CONFIGS.get(kernel, {}):
+        return TMA_CONFIGS[kernel][key]
     if arch >= 90 and key in HOPPER_CONFIGS.get(kernel, {}):
         return HOPPER_CONFIGS[kernel][key]
     return CONFIGS[kernel][key]
@@ -152,48 +186,118 @@ def interpret_split(head_dim: int) -> int:
     return 128 if head_dim > 128 else head_dim
 
 
-_tuned: dict[tuple[str, int, torch.dtype], object] = {}
+def tma_view(x: Tensor) -> tuple[int, int] | None:
+    """(rows, row stride) of ``x`` ([T, H, D] or [B, S, H, D]) seen as a TMA-addressable
+    [rows, H * D] matrix whose row ``cu_seqlens[i] + r`` is document ``i``'s row ``r``; None when
+    it is not one (heads not adjacent, batches not back to back, or not 16-byte aligned)."""
+    heads, d = x.shape[-2:]
+    if x.stride(-1) != 1 or (heads > 1 and x.stride(-2) != d):
+        return None
+    if x.dim() == 3:
+        rows, row_stride = x.shape[0], x.stride(0)
+    else:
+        if x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1):
+            return None
+        rows, row_stride = x.shape[0] * x.shape[1], x.stride(1)
+    if rows == 0 or x.data_ptr() % 16 or (row_stride * x.element_size()) % 16:
+        return None
+    return rows, row_stride
+
+
+def _config_key(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    return max(head_dim, 64), 4 if dtype == torch.float32 else 2
+
+
+def use_tma(kernel: str, head_dim: int, dtype: torch.dtype, *tensors: Tensor) -> bool:
+    """Whether ``kernel`` loads ``tensors`` (its ``TMA_OPERANDS``) through TMA descriptors: on
+    sm_90+ (or under the interpreter with ``A1_ATTENTION_TMA=1``) where ``TMA_CONFIGS`` has
+    tiles for this head dim and dtype and every tensor is TMA-addressable (:func:`tma_view`)."""
+    mode = os.environ.get(TMA_ENV, "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"{TMA_ENV} must be auto, 0 or 1, got {mode!r}")
+    if mode == "0" or kernels.load_ragged is None \
+            or _config_key(head_dim, dtype) not in TMA_CONFIGS.get(kernel, {}):
+        return False
+    if _interpreting():
+        wanted = mode == "1"
+    else:
+        wanted = tensors[0].is_cuda and _device_arch() >= 90
+    return wanted and all(tma_view(x) is not None for x in tensors)
+
+
+def tma_descriptor(x: Tensor):
+    """A host-side ragged TMA descriptor over ``x``'s [rows, H * D] view, whose loads are bounded
+    by a document's rows (``triton.tools.ragged_tma``); its block shape is set per launch config
+    (:func:`_set_tma_blocks`)."""
+    from triton.tools.ragged_tma import create_ragged_descriptor
+
+    rows, row_stride = tma_view(x)
+    view = x.as_strided((rows, x.shape[-2] * x.shape[-1]), (row_stride, 1))
+    return create_ragged_descriptor(view, [16, 16])
+
+
+def tma_block(kernel: str, name: str, consts: dict) -> list[int]:
+    """The [rows, columns] block of ``kernel``'s TMA operand ``name`` under the constexprs
+    ``consts``: query-side tensors move BLOCK_M rows, key-side ones BLOCK_N; the dK/dV kernels
+    read D_SPLIT columns at a time."""
+    if kernel in _KEY_TILED:
+        return [consts["BLOCK_M"], consts["D_SPLIT"]]
+    return [consts["BLOCK_N" if name in ("K", "V") else "BLOCK_M"], consts["HEAD_DIM"]]
+
+
+def _set_tma_blocks(kernel: str):
+    def hook(nargs: dict) -> None:
+        for name in TMA_OPERANDS[kernel]:
+            nargs[name].block_shape = [1, 1] + tma_block(kernel, name, nargs)  # ragged: 4-D
+    return hook
+
+
+def kernel_constants(kernel: str, cfg: TileConfig, head_dim: int, dtype: torch.dtype,
+                     tma: bool) -> dict:
+    """Every constexpr argument of ``kernel``'s Triton function for one tile config."""
+    kw = {"HEAD_DIM": head_dim, "FP32_DOT": dtype == torch.float32, "TMA": tma,
+          "ATOMIC_DQ": kernel == "bwd", "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+          "D_SPLIT": cfg.d_split or head_dim, "MASKED_STAGES": cfg.masked_stages or cfg.num_stages}
+    return {k: v for k, v in kw.items() if k in KERNELS[kernel].arg_names}
+
+
+_tuned: dict[tuple[str, int, torch.dtype, bool], object] = {}
 
 
 def _launch(kernel: str, grid_rows: int, grid_heads: int, args: tuple, head_dim: int,
-            dtype: torch.dtype, n_docs: int) -> None:
+            dtype: torch.dtype, n_docs: int, tma: bool = False) -> None:
     """Launch ``kernel`` over ``grid_rows // BLOCK + n_docs`` row tiles and ``grid_heads`` heads
-    (times ``head_dim // D_SPLIT`` for the dK/dV kernels)."""
+    (times ``head_dim // D_SPLIT`` for the dK/dV kernels). ``tma``: ``args`` hold descriptors for
+    the kernel's ``TMA_OPERANDS``."""
     fn = KERNELS[kernel]
     block_key = "BLOCK_N" if kernel in _KEY_TILED else "BLOCK_M"
-    consts = {k: v for k, v in (("HEAD_DIM", head_dim), ("FP32_DOT", dtype == torch.float32))
-              if k in fn.arg_names}
     if _interpreting():
+        bm, bn = INTERPRET_TILES
+        consts = kernel_constants(kernel, TileConfig(bm, bn, 4, 1, interpret_split(head_dim), 1),
+                                  head_dim, dtype, tma)
         if "FP32_DOT" in consts:
             consts["FP32_DOT"] = dtype in (torch.float32, torch.bfloat16)  # see kernels._dot
-        bm, bn = INTERPRET_TILES
-        tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "D_SPLIT": interpret_split(head_dim),
-                 "MASKED_STAGES": 1}
-        consts.update({k: v for k, v in tiles.items() if k in fn.arg_names})
+        if tma:
+            _set_tma_blocks(kernel)(dict(zip(fn.arg_names, args), **consts))
         splits = head_dim // consts.get("D_SPLIT", head_dim)
-        fn[(grid_rows // tiles[block_key] + n_docs, grid_heads * splits)](
+        fn[(grid_rows // consts[block_key] + n_docs, grid_heads * splits)](
             *args, **consts, num_warps=4, num_stages=1)
         return
-    key = (kernel, head_dim, dtype)
+    key = (kernel, head_dim, dtype, tma)
     if key not in _tuned:
+        configs = configs_for(kernel, head_dim, dtype, _device_arch(), tma)
         _tuned[key] = triton.autotune(
-            configs=[triton.Config(tile_kwargs(fn, c, head_dim), num_warps=c.num_warps,
-                                   num_stages=c.num_stages)
-                     for c in configs_for(kernel, head_dim, dtype, _device_arch())],
+            configs=[triton.Config(kernel_constants(kernel, c, head_dim, dtype, tma),
+                                   num_warps=c.num_warps, num_stages=c.num_stages,
+                                   pre_hook=_set_tma_blocks(kernel) if tma else None)
+                     for c in configs],
             key=AUTOTUNE_KEY,
             # Autotuning runs the kernel several times: the atomically accumulated dQ restarts.
             reset_to_zero=["DQ"] if kernel == "bwd" else None,
         )(fn)
     grid = lambda meta: (grid_rows // meta[block_key] + n_docs,  # noqa: E731
                          grid_heads * head_dim // meta.get("D_SPLIT", head_dim))
-    _tuned[key][grid](*args, **consts)
-
-
-def tile_kwargs(fn, cfg: TileConfig, head_dim: int) -> dict:
-    """The constexpr tile arguments of ``fn`` for one config."""
-    kw = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "D_SPLIT": cfg.d_split or head_dim,
-          "MASKED_STAGES": cfg.masked_stages or cfg.num_stages}
-    return {k: v for k, v in kw.items() if k in fn.arg_names}
+    _tuned[key][grid](*args)
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -203,6 +307,11 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
 
 def _rows(x: Tensor) -> int:
     return x.shape[0] if x.dim() == 3 else x.shape[0] * x.shape[1]
+
+
+def _operands(tma: bool, *tensors: Tensor) -> tuple:
+    """The tensors as a kernel's main-loop operands: TMA descriptors or the tensors."""
+    return tuple(tma_descriptor(x) for x in tensors) if tma else tensors
 
 
 def _lastdim_contiguous(x: Tensor) -> Tensor:
@@ -217,10 +326,11 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal: 
     n_docs = cu_seqlens.numel() - 1
     if n_docs > 0 and _rows(q) > 0:
         hq, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-        args = (q, k, v, out, lse, cu_seqlens, *_strides(q), *_strides(k), *_strides(v),
-                *_strides(out), n_docs, _rows(q), int(q.dim() == 3), hq // hk, int(causal),
-                softmax_scale * math.log2(math.e))
-        _launch("fwd", _rows(q), hq, args, d, q.dtype, n_docs)
+        tma = use_tma("fwd", d, q.dtype, q, k, v)
+        args = (*_operands(tma, q, k, v), out, lse, cu_seqlens, *_strides(q), *_strides(k),
+                *_strides(v), *_strides(out), n_docs, _rows(q), int(q.dim() == 3), hq // hk,
+                int(causal), softmax_scale * math.log2(math.e))
+        _launch("fwd", _rows(q), hq, args, d, q.dtype, n_docs, tma)
     return out, lse
 
 
@@ -258,14 +368,18 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
               softmax_scale * math.log2(math.e), softmax_scale)
     if deterministic:
         dq = torch.zeros_like(q)
+        tma_dq = use_tma("bwd_dq", d, q.dtype, q, k, v, out, do)
         _launch("bwd_dq", _rows(q), hq,
-                (q, k, v, out, do, dq, lse, delta, cu_seqlens, *_strides(q), *_strides(k),
-                 *_strides(v), *_strides(out), *_strides(do), *_strides(dq), *common),
-                d, q.dtype, n_docs)
+                (*_operands(tma_dq, q, k, v, out, do), dq, lse, delta, cu_seqlens,
+                 *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do),
+                 *_strides(dq), *common), d, q.dtype, n_docs, tma_dq)
+        # dQ is not written by this kernel: dk stands in for its pointer, with zero strides.
+        tma_q = use_tma("bwd_dkdv", d, q.dtype, q, do)
+        q_ops = _operands(tma_q, q, do)
         _launch("bwd_dkdv", _rows(q), hk,
-                (q, k, v, do, dk, dv, lse, delta, cu_seqlens, *_strides(q), *_strides(k),
-                 *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *common),
-                d, q.dtype, n_docs)
+                (q_ops[0], k, v, q_ops[1], dk, dv, dk, lse, delta, cu_seqlens, *_strides(q),
+                 *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+                 0, 0, 0, *common), d, q.dtype, n_docs, tma_q)
         return dq, dk, dv
     _launch("bwd_delta", _rows(q), hq,
             (out, do, delta, cu_seqlens, *_strides(out), *_strides(do), n_docs, _rows(q),
