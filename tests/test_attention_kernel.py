@@ -270,6 +270,27 @@ def test_tma_path_equals_pointer_path(monkeypatch, d, hq, hkv, causal, determini
         assert torch.isfinite(b[1:]).all(), name  # the documents after the non-finite one
 
 
+def test_tma_for_views_of_a_fused_projection(monkeypatch):
+    """q, k, v as views of one fused projection (megatron's layout: heads not adjacent in k/v)
+    are copied once into TMA-addressable tensors where TMA is on, and give the pointer path's
+    results."""
+    t, hkv, g, d = 37, 2, 2, 16
+    fused = torch.randn(t, hkv, (g + 2) * d).to(torch.bfloat16)  # [t, groups, (g + 2) * d]
+    q = fused[..., :g * d].reshape(t, hkv * g, d)
+    k, v = fused[..., g * d:(g + 1) * d], fused[..., (g + 1) * d:]
+    cu = torch.tensor([0, 20, 37], dtype=torch.int32)
+    assert ops.tma_view(k) is None and ops.tma_view(v) is None
+    described = []
+    real_descriptor = ops.tma_descriptor
+    monkeypatch.setattr(ops, "tma_descriptor", lambda x: described.append(x) or real_descriptor(x))
+    outs = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv(ops.TMA_ENV, mode)
+        outs.append(packed_attention(q, k, v, cu, 20))
+    assert len(described) == 3  # q, k, v of the forward
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_tma_only_where_a_descriptor_can_address(monkeypatch):
     """Tensors TMA cannot address (heads not adjacent, rows not 16-byte aligned) and fp32 keep
     the pointer path."""

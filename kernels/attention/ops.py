@@ -16,8 +16,10 @@ backwards:
   Fewer FLOPs, but with Triton 3.7.1 its sm_90 tiles spill at head dims 128/256
   (BENCHMARKS.md), so it is opt-in until a GPU measures it.
 
-On a GPU each kernel is autotuned over ``CONFIGS`` for its head dim and dtype; under
-``TRITON_INTERPRET=1`` one fixed config (``INTERPRET_TILES``) is launched.
+On a GPU each kernel is autotuned over ``CONFIGS`` for its head dim and dtype (``HOPPER_CONFIGS``
+on sm_90+, ``TMA_CONFIGS`` when its operands go through TMA descriptors: bf16/fp16 on sm_90+ with
+TMA-addressable tensors, see :func:`use_tma`); under ``TRITON_INTERPRET=1`` one fixed config
+(``INTERPRET_TILES``) is launched.
 """
 from __future__ import annotations
 
@@ -208,21 +210,35 @@ def _config_key(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     return max(head_dim, 64), 4 if dtype == torch.float32 else 2
 
 
-def use_tma(kernel: str, head_dim: int, dtype: torch.dtype, *tensors: Tensor) -> bool:
-    """Whether ``kernel`` loads ``tensors`` (its ``TMA_OPERANDS``) through TMA descriptors: on
-    sm_90+ (or under the interpreter with ``A1_ATTENTION_TMA=1``) where ``TMA_CONFIGS`` has
-    tiles for this head dim and dtype and every tensor is TMA-addressable (:func:`tma_view`)."""
+def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
+    """TMA is on for this dtype and device: ``A1_ATTENTION_TMA`` (auto: sm_90+ GPUs only; 1: also
+    the interpreter; 0: never), bf16/fp16 and a Triton that has ragged descriptors."""
     mode = os.environ.get(TMA_ENV, "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"{TMA_ENV} must be auto, 0 or 1, got {mode!r}")
-    if mode == "0" or kernels.load_ragged is None \
-            or _config_key(head_dim, dtype) not in TMA_CONFIGS.get(kernel, {}):
+    if mode == "0" or dtype == torch.float32 or kernels.load_ragged is None:
         return False
     if _interpreting():
-        wanted = mode == "1"
-    else:
-        wanted = tensors[0].is_cuda and _device_arch() >= 90
-    return wanted and all(tma_view(x) is not None for x in tensors)
+        return mode == "1"
+    return device.type == "cuda" and _device_arch() >= 90
+
+
+def use_tma(kernel: str, head_dim: int, dtype: torch.dtype, *tensors: Tensor) -> bool:
+    """Whether ``kernel`` loads ``tensors`` (its ``TMA_OPERANDS``) through TMA descriptors: TMA is
+    on (:func:`_tma_wanted`), ``TMA_CONFIGS`` has tiles for this head dim and dtype and every
+    tensor is TMA-addressable (:func:`tma_view`)."""
+    return (_tma_wanted(dtype, tensors[0].device)
+            and _config_key(head_dim, dtype) in TMA_CONFIGS.get(kernel, {})
+            and all(tma_view(x) is not None for x in tensors))
+
+
+def _tma_ready(x: Tensor) -> Tensor:
+    """``x`` with a contiguous last dim and, where TMA is on, addressable by a descriptor: a
+    strided view (e.g. V split from a fused QKV projection) is copied once, a few hundred
+    microseconds against the attention's tens of milliseconds at the model's packs."""
+    if _tma_wanted(x.dtype, x.device) and tma_view(x) is None:
+        return x.contiguous()
+    return _lastdim_contiguous(x)
 
 
 def tma_descriptor(x: Tensor):
@@ -357,7 +373,7 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     """Gradients (dq, dk, dv), shaped like (q, k, v); rows outside every document get zero.
     ``deterministic``: the 7-matmul path (dQ by its own kernel, bitwise reproducible) instead of
     the 5-matmul one (dQ added by fp32 atomics)."""
-    do = _lastdim_contiguous(do)
+    do = _tma_ready(do) if tma_view(q) is not None else _lastdim_contiguous(do)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     n_docs = cu_seqlens.numel() - 1
     if n_docs == 0 or _rows(q) == 0:
@@ -485,7 +501,7 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
         if lens.numel() and int(lens.max()) > max_seqlen:
             raise ValueError(f"a document of {int(lens.max())} tokens exceeds max_seqlen={max_seqlen}")
     scale = _scale(q, softmax_scale)
-    q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
+    q, k, v = (_tma_ready(t) for t in (q, k, v))
     return PackedAttentionFunction.apply(q, k, v, cu_seqlens, bool(causal), scale, False,
                                          bool(deterministic))
 
