@@ -8,7 +8,8 @@
 Timing uses CUDA events on a GPU and ``time.perf_counter`` on CPU, median of ``iters`` runs
 after ``warmup``. Peak memory is the CUDA allocator's peak above the memory in use before the
 call; on CPU (no allocator statistics) the peak of the tensor storages the call creates and
-holds at once (:class:`StoragePeak`, a separate untimed call), never the process RSS.
+holds at once (:class:`~megatron_a1.storage_tracker.StorageTracker`, a separate untimed call),
+never the process RSS.
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ import platform
 import statistics
 import sys
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_a1.storage_tracker import StorageTracker
 
 
 def device_info() -> dict[str, str]:
@@ -74,43 +75,11 @@ def time_ms(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> float:
     return statistics.median(samples)
 
 
-class StoragePeak(TorchDispatchMode):
-    """While active, the bytes of CPU tensor storages created inside it and still alive, and
-    their peak (``peak`` bytes). Storages are followed by weak reference, so a freed temporary
-    stops counting when torch frees it; storages created before entering are not counted."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._alive: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._alive.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        leaves = torch.utils._pytree.tree_leaves
-        # views and in-place results share an input's storage: not a new allocation
-        inputs = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
-        for t in leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                st = t.untyped_storage()
-                key, nbytes = st.data_ptr(), st.nbytes()
-                if nbytes and key not in self._alive and key not in inputs:
-                    self._alive.add(key)
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, key, nbytes)
-        return out
-
-
 def peak_extra_mb(fn: Callable[[], Any]) -> float | None:
     """Peak memory allocated by ``fn()`` above what was in use before it, in MiB: the CUDA
-    allocator's on a GPU, :class:`StoragePeak`'s on CPU."""
+    allocator's on a GPU, :class:`StorageTracker`'s on CPU."""
     if not torch.cuda.is_available():
-        with StoragePeak() as mem:
+        with StorageTracker() as mem:
             fn()
         return mem.peak / 2**20
     _sync()

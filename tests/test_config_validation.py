@@ -23,19 +23,24 @@ TINY = os.path.join(CONFIGS, "sft_tiny_cpu.yaml")  # tiny preset: 8 experts, EP=
 SFT35, OPD35, GRPO35 = (os.path.join(CONFIGS, f"{s}_35b_a3b.yaml") for s in ("sft", "opd", "grpo"))
 
 
+QWEN_VOCAB = 248_077  # the tokenizer TINY's 248,320-row vocabulary pads
+
+
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    """A usable dataset, one with no documents and one whose index is garbage."""
+    """A dataset usable with TINY, one for the tiny_test model (128 ids), one with no documents
+    and one whose index is garbage."""
     from megatron_a1.data.indexed import DocumentWriter
 
     root = tmp_path_factory.mktemp("datasets")
-    good = write_dataset(str(root / "good"), n_docs=16)
+    good = write_dataset(str(root / "good"), n_docs=16, vocab_size=QWEN_VOCAB)
+    tiny_test = write_dataset(str(root / "tiny_test"), n_docs=16)
     empty = str(root / "empty")
-    DocumentWriter(empty, vocab_size=128).finalize()
-    broken = write_dataset(str(root / "broken"), n_docs=4)
+    DocumentWriter(empty, vocab_size=QWEN_VOCAB).finalize()
+    broken = write_dataset(str(root / "broken"), n_docs=4, vocab_size=QWEN_VOCAB)
     with open(broken + ".idx", "wb") as f:
         f.write(b"not an index")
-    return {"good": good, "empty": empty, "broken": broken}
+    return {"good": good, "tiny_test": tiny_test, "empty": empty, "broken": broken}
 
 
 def run_main(capsys, argv):
@@ -122,6 +127,10 @@ IMPOSSIBLE = [
      r"data\.prefixes: \S+broken is not a readable preprocessed dataset"),
     ("documents-longer-than-packs", TINY, ["data.prefixes=[{good}]", "data.max_seq_len=16"],
      r"data\.max_seq_len=16: \S+good has documents of up to \d+ tokens.*--max-seq-len 16"),
+    ("dataset-of-another-vocabulary", TINY, ["data.prefixes=[{tiny_test}]"],
+     r"data\.prefixes: (\S+tiny_test) was tokenised with a vocabulary of 128 ids \(see "
+     r"\1\.dataset\.json\), but the model's vocabulary has 248,320 rows .*preprocess the data "
+     r"with the model's tokenizer, or set model\.overrides\.vocab_size"),
     ("override-wrong-type", TINY, ["train.micro_batch_size=abc"],
      r"^config error: override train\.micro_batch_size=abc: expected an integer, got 'abc'"),
     ("override-unknown-key", TINY, ["optim.learning_rate=3e-4"],
@@ -176,6 +185,25 @@ def test_overrides_go_anywhere_on_the_command_line(capsys, no_launcher_env, data
 def test_a_real_run_refuses_a_world_size_option(capsys, no_launcher_env):
     rc, err = run_main(capsys, ["--config", TINY, "--world-size", "2"])
     assert rc == 2 and "--world-size 2 is for --dry-run; this run has WORLD_SIZE=1" in err
+
+
+def test_a_real_run_refuses_a_dataset_of_another_vocabulary(capsys, monkeypatch, no_launcher_env,
+                                                           datasets):
+    """The vocabulary check is config validation's: a real run stops on it before the training
+    loop, so before any process group exists or any dataset is packed."""
+    import megatron_a1.training.loop as loop
+
+    def must_not_start(cfg):
+        raise AssertionError("validation let a run start on a dataset of another vocabulary")
+
+    monkeypatch.setattr(loop, "run", must_not_start)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    prefix = datasets["tiny_test"]
+    rc, err = run_main(capsys, ["--config", TINY, f"data.prefixes=[{prefix}]"])
+    assert rc == 2
+    assert err.startswith(f"config error: data.prefixes: {prefix} was tokenised with a "
+                          "vocabulary of 128 ids"), err
+    assert not torch.distributed.is_initialized()
 
 
 LOCAL = {  # what each 35B recipe names that a laptop lacks
@@ -243,7 +271,7 @@ STOP = ("training stopped: step 3: 2 non-finite steps in a row (last: loss nan; 
 
 def test_nonfinite_stop_is_one_line_and_exit_3(tmp_path, datasets):
     """lr 1e30: step 1 is finite and its update blows the weights up; steps 2 and 3 are NaN."""
-    proc = _nonfinite_run(tmp_path, datasets["good"], [sys.executable])
+    proc = _nonfinite_run(tmp_path, datasets["tiny_test"], [sys.executable])
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert proc.stderr.count("training stopped:") == 1 and STOP in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -252,7 +280,7 @@ def test_nonfinite_stop_is_one_line_and_exit_3(tmp_path, datasets):
 def test_nonfinite_stop_on_two_ranks(tmp_path, datasets):
     """Under torchrun (EP=2): rank 0 alone says why, no rank prints a traceback; only the
     launcher reports the exit status 3 (ChildFailedError)."""
-    proc = _nonfinite_run(tmp_path, datasets["good"], [
+    proc = _nonfinite_run(tmp_path, datasets["tiny_test"], [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
         "parallel.expert_parallel=2")
     assert proc.returncode != 0

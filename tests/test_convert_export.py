@@ -23,7 +23,7 @@ from megatron_a1.testing import run_multirank
 from megatron_a1.training import checkpoint as ckpt
 from test_checkpoint_layouts import LAYOUTS, runs
 from test_train_loop import train_body
-from test_train_online import _serve, online_overrides
+from test_train_online import _serve, _stop, online_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,8 +120,7 @@ def test_online_disk_weight_sync_from_an_expert_parallel_run(tmp_path):
             *LAYOUTS["ep2"]]),))
         info = json.loads(urllib.request.urlopen(url + "/weight_info", timeout=30).read())
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        _stop(server)
     assert info.get("weight_version") in (1, "1"), info
     records = [json.loads(line) for line in open(root / "rollouts.jsonl")]
     assert {r["step"]: r["weight_version"]["min"] for r in records} == {1: 0, 2: 1}

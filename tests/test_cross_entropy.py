@@ -11,7 +11,7 @@ from a1_kernels.cross_entropy import fused_linear_cross_entropy
 from a1_kernels.cross_entropy.kernels import chunk_grad_, chunk_stats
 from a1_kernels.cross_entropy.reference import (chunk_grad_reference_, chunk_stats_reference,
                                                 fused_linear_cross_entropy_reference)
-from megatron_a1.benchmarking import StoragePeak
+from megatron_a1.storage_tracker import StorageTracker
 
 
 def _problem(n, h, v, seed, dtype=torch.float32, ignored=0.2):
@@ -132,7 +132,7 @@ def _peak_bytes(n, v, h, chunk, fn=fused_linear_cross_entropy):
     hidden, weight, labels, grad_out = _problem(n, h, v, seed=0, ignored=0.0)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    with StoragePeak() as mem:  # every tensor storage alive at once, not the process RSS
+    with StorageTracker() as mem:  # every tensor storage alive at once, not the process RSS
         loss = fn(hidden, weight, labels, **({"chunk_size": chunk} if chunk else {}))
         loss.backward(grad_out)
         del loss

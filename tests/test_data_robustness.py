@@ -21,7 +21,6 @@ import unicodedata
 import numpy as np
 import pytest
 
-from megatron_a1.data.dataset import PackedDatasetConfig, build_packed_dataset
 from megatron_a1.data.indexed import DocumentWriter, output_paths, read_dataset_info
 from megatron_a1.data.preprocess import (
     PreprocessConfig,
@@ -153,7 +152,9 @@ def test_tokenizer_names_are_exact(tmp_path):
         load_tokenizer(str(short))
 
 
-def test_vocab_recorded_and_trainer_refuses_a_mismatch(tmp_path, qwen):
+def test_vocab_recorded_and_preflight_refuses_a_mismatch(tmp_path, qwen):
+    from megatron_a1.training.preflight import dataset_problem
+
     prefix = str(tmp_path / "ds")
     report = preprocess(_cfg([GOOD], prefix), tokenizer=qwen)
     assert report["vocab_size"] == 248_077
@@ -161,12 +162,14 @@ def test_vocab_recorded_and_trainer_refuses_a_mismatch(tmp_path, qwen):
                                          "documents": report["documents_written"],
                                          "tokens": report["tokens_written"],
                                          "token_dtype": "int32"}
-    ok = build_packed_dataset(PackedDatasetConfig(prefixes=[prefix], max_seq_len=8192,
-                                                  model_vocab_size=248_320))
-    assert len(ok) > 0
-    with pytest.raises(ValueError, match=rf"dataset {prefix}: .*248,077 tokens.*151,936 rows"):
-        build_packed_dataset(PackedDatasetConfig(prefixes=[prefix], max_seq_len=8192,
-                                                 model_vocab_size=151_936))
+    # Qwen3.5's padded rows; the same tokenizer's ids need at least 248,077 rows
+    assert dataset_problem(prefix, 8192, model_vocab_size=248_320) is None
+    assert dataset_problem(prefix, 8192, model_vocab_size=248_077) is None
+    for rows in (151_936, 248_076, 248_077 + 1024):  # another tokenizer's; too few; too many
+        problem = dataset_problem(prefix, 8192, model_vocab_size=rows)
+        assert problem.startswith(f"data.prefixes: {prefix} was tokenised with a vocabulary of "
+                                  f"248,077 ids (see {prefix}.dataset.json), but the model's "
+                                  f"vocabulary has {rows:,} rows"), problem
 
 
 def test_help_documents_every_flag_with_its_default():

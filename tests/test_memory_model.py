@@ -1,86 +1,26 @@
 """The memory model against measured memory: full training steps on CPU, storage by storage.
 
 One harness (:func:`measure_body`) runs real training steps (megatron-core DDP, distributed
-optimizer, the stage's forward step and loss head, 1 or 2 gloo ranks) under a
-``TorchDispatchMode`` that counts every tensor storage alive (not RSS) and records, at the
-peak, how much each component group holds. :func:`megatron_a1.training.memory.estimate` must
-come within ±15% of the measurement for the total and for every group, on configs that vary
-the sequence length, vocabulary, depth, recompute, tensor/expert parallelism and the stage.
+optimizer, the stage's forward step and loss head, 1 or 2 gloo ranks) under
+:class:`~megatron_a1.storage_tracker.StorageTracker`, which counts every tensor storage alive
+(not RSS) and records, at the peak, how much each component group holds.
+:func:`megatron_a1.training.memory.estimate` must come within ±15% of the measurement for the
+total and for every group, on configs that vary the sequence length, vocabulary, depth,
+recompute, tensor/expert parallelism and the stage.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from megatron_a1.storage_tracker import StorageTracker
 from megatron_a1.testing import run_multirank
 
 
 # ---- the measuring harness -----------------------------------------------------------------
-class StorageTracker(TorchDispatchMode):
-    """Bytes of the tensor storages alive, per group, and their breakdown at the peak.
-
-    Every storage an operator returns is counted once, under the phase active when it
-    appeared, until it is freed (a weak-reference finaliser on the untyped storage). Storages
-    that existed before tracking count only when :meth:`register`-ed.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, tuple[int, str]] = {}
-        self.groups: dict[str, int] = {}
-        self.total = self.peak = 0
-        self.peak_groups: dict[str, int] = {}
-        self.current = "activations"
-
-    def _add(self, storage, group: str) -> None:
-        key = storage._cdata
-        if key in self.live:
-            return
-        n = storage.nbytes()
-        self.live[key] = (n, group)
-        self.groups[group] = self.groups.get(group, 0) + n
-        self.total += n
-        weakref.finalize(storage, self._drop, key)
-        if self.total > self.peak:
-            self.peak, self.peak_groups = self.total, dict(self.groups)
-
-    def _drop(self, key: int) -> None:
-        n, group = self.live.pop(key, (0, None))
-        if group is not None:
-            self.groups[group] -= n
-            self.total -= n
-
-    def register(self, tensors, group: str) -> None:
-        for t in tensors:
-            if torch.is_tensor(t):
-                self._add(t.untyped_storage(), group)
-
-    def reset_peak(self) -> None:
-        self.peak, self.peak_groups = self.total, dict(self.groups)
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        previous, self.current = self.current, name
-        try:
-            yield
-        finally:
-            self.current = previous
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._add(t.untyped_storage(), self.current)
-        return out
-
-
 def _batch(cfg, n_tokens: int, seed: int, stage: str) -> dict:
     """One THD pack of ``n_tokens`` (two documents), every position a loss position."""
     g = torch.Generator().manual_seed(seed)
@@ -138,7 +78,7 @@ def _measure_one(spec: dict) -> dict:
             frozen += [reference] if reference is not None else []
             stage = GRPOStage(cfg, ddp, reference)
 
-        tracker = StorageTracker()
+        tracker = StorageTracker(group="activations")
         for chunk in ddp:
             buffers = list(chunk.buffers) + list(chunk.expert_parallel_buffers)
             tracker.register([b.param_data for b in buffers if b.param_data is not None],
@@ -366,7 +306,7 @@ def test_dry_run_counts_tokens_and_steps_of_the_data(capsys, tmp_path):
     from megatron_a1.data.indexed import DocumentWriter
 
     prefix = str(tmp_path / "docs")
-    w = DocumentWriter(prefix, vocab_size=128)
+    w = DocumentWriter(prefix, vocab_size=248_077)  # the tokenizer of the config's vocabulary
     lengths = [300, 700, 500, 900, 100, 800]
     for i, n in enumerate(lengths):
         w.add([i % 128] * n, [1] * n, {"domain": "search", "id": str(i)})

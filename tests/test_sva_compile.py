@@ -40,3 +40,16 @@ def test_recipe_configs_compile_sm80_sm90():
 @pytest.mark.slow
 def test_all_configs_compile_sm80_sm90():
     _compile_and_check(lambda s: s["shape"].get("tp", 1) == 1)
+
+
+def test_autotuner_never_tries_a_spilling_tile():
+    """The GPU autotuner's pruning and the AOT specs agree: tiles listed as spilling for a top-k
+    buffer size are neither launched nor compiled for it."""
+    from a1_kernels.sva import sva
+
+    for kp, bad in sva.TOPK_SPILLING.items():
+        kept = sva._prune_topk(sva._topk_configs(), {}, KP=kp)
+        assert [(c.kwargs["BLOCK_V"], c.num_warps) for c in kept] == \
+            [(c.kwargs["BLOCK_V"], c.num_warps) for c in sva._topk_configs(kp)]
+        assert bad and not bad & {(c.kwargs["BLOCK_V"], c.num_warps) for c in kept}
+    assert len(sva._prune_topk(sva._topk_configs(), {}, KP=64)) == len(sva.TOPK_TILES)

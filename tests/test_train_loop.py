@@ -17,11 +17,13 @@ from megatron_a1.testing import run_multirank
 from megatron_a1.training.config import TrainConfig
 
 
-def write_dataset(prefix: str, n_docs: int = 24, seed: int = 0) -> str:
+def write_dataset(prefix: str, n_docs: int = 24, seed: int = 0, vocab_size: int = 128) -> str:
+    """Documents of ids below 128, recorded as tokenised with ``vocab_size`` ids (the tiny_test
+    model's by default; config validation refuses a model of another vocabulary)."""
     from megatron_a1.data.indexed import DocumentWriter
 
     rng = np.random.default_rng(seed)
-    w = DocumentWriter(prefix, vocab_size=128)
+    w = DocumentWriter(prefix, vocab_size=vocab_size)
     for i in range(n_docs):
         length = int(rng.integers(5, 60))
         motif = rng.integers(0, 128, size=int(rng.integers(2, 6)))

@@ -140,6 +140,22 @@ def _serve(hf: str, log):
     return server, found.group(1)
 
 
+def _stop(server) -> None:
+    """SIGTERM the server and wait for it and every process it started (megatron-core's
+    checkpoint writer leaves a multiprocessing manager in each process that saved a dist
+    checkpoint); whatever still runs after 30 s is killed and fails the test."""
+    import psutil
+
+    family = [psutil.Process(server.pid)]
+    family += family[0].children(recursive=True)
+    server.terminate()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    for p in alive:
+        p.kill()
+    server.wait()
+    assert not alive, f"still running 30 s after SIGTERM: {[p.pid for p in alive]}"
+
+
 def test_online_grpo_from_a_server_syncs_weights_by_disk_and_by_broadcast_alike(init, tmp_path):
     """The policy is served by tools/serve_embedded.py. After each step whose weights sample a
     later step the server gets them: over vLLM's protocol from an HF export it reloads, over
@@ -167,8 +183,7 @@ def test_online_grpo_from_a_server_syncs_weights_by_disk_and_by_broadcast_alike(
             info = json.loads(urllib.request.urlopen(url + "/weight_info", timeout=30).read())
             assert info.get("weight_version") in (1, "1"), info  # step 2's weights sample nothing
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            _stop(server)
         versions = {r["step"]: r["weight_version"]["min"] for r in records[transfer]}
         assert versions == {1: 0, 2: 1}
     # disk: the export of step 1 (the server's current weights); broadcast: no export at all

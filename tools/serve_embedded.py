@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 
@@ -127,6 +128,12 @@ def main(argv=None) -> int:
     ap.add_argument("--verbose", action="store_true", help="log every request")
     args = ap.parse_args(argv)
 
+    # SIGTERM (a launcher, a scheduler, a test's terminate()) stops the server as Ctrl-C does:
+    # through the finally blocks and a normal interpreter exit, whose multiprocessing finalisers
+    # shut down the process megatron-core's checkpoint writer starts in every process that saves
+    # a dist checkpoint (loading HF weights converts through one); a death by the default SIGTERM
+    # action would leave that process running
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.modules.setdefault("fla", None)  # CPU serving: never bind fla's GPU kernels
     from megatron_a1.rollout.server import make_server
     from megatron_a1.runtime import destroy, initialize

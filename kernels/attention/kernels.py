@@ -71,6 +71,17 @@ def _locate_tile(cu_seqlens, n_docs, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _head_base(X, tok0, d64, head, stride_b, stride_t, stride_h, TMA: tl.constexpr):
+    """Where ``_load_rows`` reads one head of a document from: the pointer to its row 0, or with
+    TMA the descriptor itself (its loads name rows and columns)."""
+    if TMA:
+        base = X
+    else:
+        base = X + tok0 * stride_t + d64 * stride_b + head * stride_h
+    return base
+
+
+@triton.jit
 def _load_rows(X, x_base, stride_t, start, row0, col, offs_r, offs_c, seqlen,
                MASK: tl.constexpr, TMA: tl.constexpr):
     """Rows ``row0 + offs_r`` (document-local) and columns ``col + offs_c`` of one head of the
@@ -138,16 +149,11 @@ def attn_fwd_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        if TMA:
-            q = load_ragged(Q, start, seqlen, [m0, h * HEAD_DIM])
-            k_base = K
-            v_base = V
-        else:
-            q = tl.load(Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
-                        + offs_m[:, None] * stride_qt + offs_d[None, :],
-                        mask=offs_m[:, None] < seqlen, other=0.0)
-            k_base = K + tok0 * stride_kt + d64 * stride_kb + hk * stride_kh
-            v_base = V + tok0 * stride_vt + d64 * stride_vb + hk * stride_vh
+        q = _load_rows(Q, _head_base(Q, tok0, d64, h, stride_qb, stride_qt, stride_qh, TMA),
+                       stride_qt, start, m0, h * HEAD_DIM, tl.arange(0, BLOCK_M), offs_d, seqlen,
+                       True, TMA)
+        k_base = _head_base(K, tok0, d64, hk, stride_kb, stride_kt, stride_kh, TMA)
+        v_base = _head_base(V, tok0, d64, hk, stride_vb, stride_vt, stride_vh, TMA)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -220,28 +226,20 @@ def attn_bwd_dq_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m[:, None] < seqlen
-        if TMA:
-            q = load_ragged(Q, start, seqlen, [m0, h * HEAD_DIM])
-            o = load_ragged(O, start, seqlen, [m0, h * HEAD_DIM])
-            do = load_ragged(DO, start, seqlen, [m0, h * HEAD_DIM])
-        else:
-            q = tl.load(Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
-                        + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok, other=0.0)
-            o = tl.load(O + tok0 * stride_ot + d64 * stride_ob + h * stride_oh
-                        + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok, other=0.0)
-            do = tl.load(DO + tok0 * stride_dot + d64 * stride_dob + h * stride_doh
-                         + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok, other=0.0)
+        rows = tl.arange(0, BLOCK_M)
+        q = _load_rows(Q, _head_base(Q, tok0, d64, h, stride_qb, stride_qt, stride_qh, TMA),
+                       stride_qt, start, m0, h * HEAD_DIM, rows, offs_d, seqlen, True, TMA)
+        o = _load_rows(O, _head_base(O, tok0, d64, h, stride_ob, stride_ot, stride_oh, TMA),
+                       stride_ot, start, m0, h * HEAD_DIM, rows, offs_d, seqlen, True, TMA)
+        do = _load_rows(DO, _head_base(DO, tok0, d64, h, stride_dob, stride_dot, stride_doh, TMA),
+                        stride_dot, start, m0, h * HEAD_DIM, rows, offs_d, seqlen, True, TMA)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         row_idx = h.to(tl.int64) * n_tokens + start + offs_m
         tl.store(DELTA + row_idx, delta, mask=offs_m < seqlen)
         lse2 = tl.load(LSE + row_idx, mask=offs_m < seqlen, other=0.0) * 1.4426950408889634
 
-        if TMA:
-            k_base = K
-            v_base = V
-        else:
-            k_base = K + tok0 * stride_kt + d64 * stride_kb + hk * stride_kh
-            v_base = V + tok0 * stride_vt + d64 * stride_vb + hk * stride_vh
+        k_base = _head_base(K, tok0, d64, hk, stride_kb, stride_kt, stride_kh, TMA)
+        v_base = _head_base(V, tok0, d64, hk, stride_vb, stride_vt, stride_vh, TMA)
         kv_col = hk * HEAD_DIM
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         hi = seqlen
@@ -370,12 +368,8 @@ def attn_bwd_dkdv_kernel(
         full = diag + tl.maximum(seqlen - diag, 0) // BLOCK_M * BLOCK_M
         for g in range(0, group):
             h = hk * group + g
-            if TMA:
-                q_base = Q
-                do_base = DO
-            else:
-                q_base = Q + tok0 * stride_qt + d64 * stride_qb + h * stride_qh
-                do_base = DO + tok0 * stride_dot + d64 * stride_dob + h * stride_doh
+            q_base = _head_base(Q, tok0, d64, h, stride_qb, stride_qt, stride_qh, TMA)
+            do_base = _head_base(DO, tok0, d64, h, stride_dob, stride_dot, stride_doh, TMA)
             q_col = h * HEAD_DIM + c0
             o_col = h * HEAD_DIM + (D_SPLIT - c0)
             dq_base = DQ + tok0 * stride_dqt + d64 * stride_dqb + h * stride_dqh

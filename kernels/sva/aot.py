@@ -36,7 +36,7 @@ def launch_specs() -> list[dict]:
     for dtype, (ptr, elem) in _TRITON_DTYPE.items():
         for k in TOPKS:
             kp = _pow2(k)
-            for cfg in _topk_configs():
+            for cfg in _topk_configs(kp):
                 block_v = cfg.kwargs["BLOCK_V"]
                 for tp in TP_SIZES:
                     v_local = VOCAB // tp

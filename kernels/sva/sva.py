@@ -140,16 +140,29 @@ def _sva_set_loss_kernel(
 # spills them (8-16 B at k=32/64, BLOCK_V 2048; at k=256, BLOCK_V 1024) on sm_90
 # (tools/kernel_report.py, tests/test_sva_compile.py).
 TOPK_TILES = ((1024, 8), (2048, 8), (4096, 4), (4096, 8))
+# Tiles that spill 8 B on sm_80/sm_90 at some top-k buffer sizes (KP) with the next vocabulary
+# block loaded one iteration ahead: left out for those sizes.
+TOPK_SPILLING = {32: {(4096, 4)}, 256: {(4096, 8)}}
 
 
-def _topk_configs():
-    return [triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=1) for bv, nw in TOPK_TILES]
+def _topk_configs(kp: int | None = None):
+    """The top-k kernel's autotune configs; for buffer size ``kp`` only its spill-free ones."""
+    bad = TOPK_SPILLING.get(kp, set())
+    return [triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=1) for bv, nw in TOPK_TILES
+            if (bv, nw) not in bad]
+
+
+def _prune_topk(configs, named_args, **kwargs):
+    bad = TOPK_SPILLING.get(kwargs.get("KP", named_args.get("KP")), set())
+    return [c for c in configs if (c.kwargs["BLOCK_V"], c.num_warps) not in bad]
 
 
 # Fixed launch config under the interpreter (autotune needs a GPU to benchmark).
 INTERPRET_TOPK_CONFIG = {"BLOCK_V": 1024, "num_warps": 4, "num_stages": 1}
 SET_LOSS_CONFIG = {"BLOCK_R": 16, "num_warps": 4, "num_stages": 1}
-_sva_topk_autotuned = triton.autotune(configs=_topk_configs(), key=["K", "n_valid"])(_sva_topk_kernel)
+_sva_topk_autotuned = triton.autotune(configs=_topk_configs(), key=["K", "n_valid"],
+                                      prune_configs_by={"early_config_prune": _prune_topk},
+                                      )(_sva_topk_kernel)
 
 
 def _pow2(k: int) -> int:

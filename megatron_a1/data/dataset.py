@@ -54,9 +54,6 @@ class PackedDatasetConfig:
     """Seed of the packing shuffle (dataset k uses seed + k)."""
     overlong: str = "error"
     """Documents longer than max_seq_len: error | truncate | skip (see packing.py)."""
-    model_vocab_size: int | None = None
-    """The model's vocabulary (embedding rows): a dataset whose recorded tokenizer vocabulary
-    does not match it is refused (see :func:`check_vocab`); None: not checked."""
 
 
 class PackedSequenceDataset(torch.utils.data.Dataset):
@@ -145,24 +142,6 @@ class BlendedPackedDataset(torch.utils.data.Dataset):
         return ds[int(self.sample_index[i]) % len(ds)]
 
 
-# Models pad their vocabulary beyond the tokenizer's (Megatron to a multiple of 128 x TP, Qwen3.5's
-# 248,077 ids to 248,320 rows); a gap this large or more means another tokenizer.
-MAX_VOCAB_PADDING = 1024
-
-
-def check_vocab(prefix: str, dataset_vocab: int | None, model_vocab: int | None) -> None:
-    """Refuse a dataset tokenised with a vocabulary the model does not have: the model's rows
-    must cover every id (``model >= dataset``) and be that vocabulary padded by fewer than
-    :data:`MAX_VOCAB_PADDING` rows. A dataset that records no vocabulary passes."""
-    if dataset_vocab is None or model_vocab is None:
-        return
-    if not dataset_vocab <= model_vocab < dataset_vocab + MAX_VOCAB_PADDING:
-        raise ValueError(
-            f"dataset {prefix}: tokenised with a vocabulary of {dataset_vocab:,} tokens "
-            f"(see {prefix}.dataset.json), but the model's vocabulary has {model_vocab:,} rows; "
-            "preprocess it with the model's tokenizer (or fix model.overrides.vocab_size)")
-
-
 def build_packed_dataset(cfg: PackedDatasetConfig) -> BlendedPackedDataset:
     """Pack every prefix and blend them (a single prefix is the identity blend)."""
     datasets = [
@@ -170,8 +149,6 @@ def build_packed_dataset(cfg: PackedDatasetConfig) -> BlendedPackedDataset:
                                                seed=cfg.seed + k), dataset_id=k)
         for k, p in enumerate(cfg.prefixes)
     ]
-    for d in datasets:
-        check_vocab(d.store.prefix, d.store.vocab_size, cfg.model_vocab_size)
     weights = cfg.weights if cfg.weights is not None else [len(d) for d in datasets]
     if len(weights) != len(datasets):
         raise ValueError(f"{len(weights)} weights for {len(datasets)} prefixes")

@@ -11,8 +11,8 @@ For an output prefix ``P``:
   file), ``line`` (1-based), ``id``, ``query_index`` (message index of the trained query, -1 for
   policy ``whole``), ``truncated`` (original length, or null);
 * ``P.dataset.json`` — the dataset as a whole: ``tokenizer`` (name), ``vocab_size`` (ids it can
-  produce; the trainer refuses a model whose vocabulary does not match), ``documents``,
-  ``tokens``;
+  produce; config validation refuses a model whose vocabulary does not match, see
+  ``training/preflight.py``), ``documents``, ``tokens``;
 * ``P.report.json`` — what happened to every input line (see ``preprocess.py``).
 
 Files are written under hidden temporary names beside the prefix and renamed to these names

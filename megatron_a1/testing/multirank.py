@@ -12,6 +12,7 @@ run exceeds ``timeout`` seconds all processes are killed and the error says whic
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -19,6 +20,8 @@ import queue
 import time
 import traceback
 from typing import Any, Callable, Sequence
+
+import psutil
 
 from megatron_a1.runtime.parallel import free_port
 
@@ -49,6 +52,21 @@ def _worker(fn, rank, world_size, port, env, args, out_q):
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _kill_with_children(p) -> None:
+    """Kill a hung rank and the processes it started (megatron-core's checkpoint writer leaves a
+    multiprocessing manager in every process that saved): a killed rank cannot shut them down,
+    and they would outlive the test."""
+    try:
+        children = psutil.Process(p.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # it has just exited
+        children = []
+    p.kill()
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    p.join()
 
 
 def run_multirank(
@@ -108,8 +126,7 @@ def run_multirank(
             p.join(timeout=5.0)
         for p in procs:
             if p.is_alive():
-                p.kill()
-                p.join()
+                _kill_with_children(p)
 
     if failures or len(results) < world_size:
         hung = [r for r in range(world_size) if r not in results and r not in failures]

@@ -240,6 +240,16 @@ class TrainConfig:
                                                      if self.model.overrides else "")
         return model_layout_problems(mc, self.parallel, world_size, model_key=key)
 
+    def _model_vocab_size(self) -> int | None:
+        """The model's embedding rows; None when the model section is invalid (an error the
+        layout check already reports)."""
+        from megatron_a1.training.model_setup import resolve_model_config
+
+        try:
+            return resolve_model_config(self.model).vocab_size
+        except ValueError:
+            return None
+
     def _validate_batch(self, world_size: int) -> None:
         p, t = self.parallel, self.train
         dp = p.data_parallel(world_size)
@@ -282,7 +292,7 @@ class TrainConfig:
         for p in self.data.prefixes:
             if _here(p + ".idx", local, f"data.prefixes: {p}.idx not found (run "
                      "tools/preprocess_trajectories.py first)"):
-                problem = dataset_problem(p, self.data.max_seq_len)
+                problem = dataset_problem(p, self.data.max_seq_len, self._model_vocab_size())
                 if problem:
                     raise ConfigError(problem)
         if self.data.weights is not None and len(self.data.weights) != len(self.data.prefixes):

@@ -1,7 +1,8 @@
 """Checks of a run before it starts: does the model fit the layout, are the datasets usable.
 
     problems = model_layout_problems(model_cfg, parallel, world_size, model_key="model.preset=tiny")
-    problem = dataset_problem("runs/demo/data/sft", max_seq_len=1024)   # None: usable
+    problem = dataset_problem("runs/demo/data/sft", max_seq_len=1024,
+                              model_vocab_size=248_320)   # None: usable
 
 Each problem is one message naming the config key, the numbers behind it and what works.
 :meth:`megatron_a1.training.config.TrainConfig.validate` runs them before any process group
@@ -28,6 +29,10 @@ from __future__ import annotations
 import os
 
 from megatron_a1.model.config import LINEAR, A1ModelConfig
+
+# Models pad their vocabulary beyond the tokenizer's (Megatron to a multiple of 128 x TP, Qwen3.5's
+# 248,077 ids to 248,320 rows); a gap this large or more means another tokenizer.
+MAX_VOCAB_PADDING = 1024
 
 
 def _split_evenly(mc: A1ModelConfig, tp: int) -> list[str]:
@@ -117,12 +122,14 @@ def model_layout_problems(mc: A1ModelConfig, p, world_size: int, *,
     return problems
 
 
-def dataset_problem(prefix: str, max_seq_len: int) -> str | None:
+def dataset_problem(prefix: str, max_seq_len: int, model_vocab_size: int | None) -> str | None:
     """Why the preprocessed dataset ``prefix`` (whose ``.idx`` exists) cannot be trained on with
-    ``data.max_seq_len``, or None. Reads the index headers only (memory-mapped), not the data."""
+    ``data.max_seq_len`` by a model of ``model_vocab_size`` embedding rows (None: the model
+    config is itself invalid, vocabulary not checked), or None. Reads the index headers
+    (memory-mapped) and ``.dataset.json``, not the data."""
     from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
 
-    from megatron_a1.data.indexed import MASK_SUFFIX, META_SUFFIX
+    from megatron_a1.data.indexed import MASK_SUFFIX, META_SUFFIX, read_dataset_info
 
     empty = (f"data.prefixes: {prefix} holds no documents (see {prefix}.report.json for why "
              "preprocessing kept none); preprocess the data again or remove the prefix")
@@ -142,6 +149,7 @@ def dataset_problem(prefix: str, max_seq_len: int) -> str | None:
             raise FileNotFoundError(f"{prefix + META_SUFFIX} not found")
         if len(mask_lengths) != len(lengths) or (mask_lengths != lengths).any():
             raise ValueError("token and loss-mask sequence lengths differ")
+        dataset_vocab = (read_dataset_info(prefix) or {}).get("vocab_size")
     except Exception as exc:  # noqa: BLE001 - any failure to read is the same problem
         return (f"data.prefixes: {prefix} is not a readable preprocessed dataset "
                 f"({type(exc).__name__}: {exc}); run tools/preprocess_trajectories.py again")
@@ -149,6 +157,14 @@ def dataset_problem(prefix: str, max_seq_len: int) -> str | None:
         return empty
     longest = int(lengths.max())
     del tokens, mask
+    # a dataset that records no vocabulary (written by another tool) is not checked
+    if dataset_vocab is not None and model_vocab_size is not None and \
+            not dataset_vocab <= model_vocab_size < dataset_vocab + MAX_VOCAB_PADDING:
+        return (f"data.prefixes: {prefix} was tokenised with a vocabulary of {dataset_vocab:,} "
+                f"ids (see {prefix}.dataset.json), but the model's vocabulary has "
+                f"{model_vocab_size:,} rows (it must cover every id, padded by fewer than "
+                f"{MAX_VOCAB_PADDING:,}); preprocess the data with the model's tokenizer, or set "
+                "model.overrides.vocab_size for this tokenizer")
     if longest > max_seq_len:
         return (f"data.max_seq_len={max_seq_len}: {prefix} has documents of up to {longest} "
                 "tokens, longer than a pack; raise data.max_seq_len or preprocess with "

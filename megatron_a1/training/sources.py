@@ -18,7 +18,6 @@ from megatron_a1.data.dataset import (
     build_dataloader,
     build_packed_dataset,
 )
-from megatron_a1.training.model_setup import resolve_model_config
 
 log = logging.getLogger("megatron_a1.train")
 
@@ -57,8 +56,7 @@ class PackedSource(_Offline):
     def __init__(self, cfg, rt):
         self.cfg, self.rt, t = cfg, rt, cfg.train
         data_cfg = PackedDatasetConfig(prefixes=cfg.data.prefixes, weights=cfg.data.weights,
-                                       max_seq_len=cfg.data.max_seq_len, seed=cfg.data.seed,
-                                       model_vocab_size=resolve_model_config(cfg.model).vocab_size)
+                                       max_seq_len=cfg.data.max_seq_len, seed=cfg.data.seed)
         one_epoch = build_packed_dataset(data_cfg)
         self.total_steps = (t.train_steps if t.train_steps is not None
                             else max(1, math.floor(len(one_epoch) * t.epochs / t.global_batch_size)))
