@@ -8,7 +8,8 @@ compiles; shared memory fits (A100 163 KB, H100 227 KB per block); no spills for
 nor, in bf16/fp16, at 256; ``tl.dot`` reaches the tensor cores (``HMMA`` on sm_80); registers were
 really parsed. On sm_90, every bf16/fp16 tile of the forward, dQ and dK/dV kernels runs its
 matmuls on warpgroup MMA (``HGMMA``) and its main loop loads asynchronously (cp.async or TMA, no
-plain global loads); the TMA variants (``ops.TMA_CONFIGS``) load through TMA (``UTMALDG``). fp32 (tf32x3) spills at head dim 256 are allowed but printed, and so are
+plain global loads); the TMA variants (``ops.TMA_CONFIGS``) load through TMA (``UTMALDG``).
+fp32 (tf32x3) spills at head dim 256 are allowed but printed, and so are
 the spills of the opt-in atomic-dQ backward (``attention_bwd``, ``deterministic=False``), which
 no tile avoids on sm_90 with Triton 3.7.1 (``tools/kernel_report.py`` shows them).
 
@@ -76,7 +77,7 @@ def test_every_launch_config_compiles_for_sm80_and_sm90():
 
 
 def test_launch_specs_cover_every_autotune_choice():
-    from a1_kernels.attention.ops import KERNELS, TMA_CONFIGS, configs_for
+    from a1_kernels.attention.ops import KERNELS, configs_for, has_tma_tiles
 
     specs = launch_specs()
     seen = {(s["kernel"], s["config"], a) for s in specs for a in s["archs"]}
@@ -87,7 +88,7 @@ def test_launch_specs_cover_every_autotune_choice():
                 for arch in (80, 90, 100):
                     for cfg in configs_for(name, d, dt, arch):
                         assert (f"attention_{name}", f"d{d}-{tag}-{cfg.text()}", arch) in seen
-                    if arch >= 90 and (d, 2) in TMA_CONFIGS.get(name, {}) and tag != "fp32":
+                    if arch >= 90 and has_tma_tiles(name, d, dt):
                         for cfg in configs_for(name, d, dt, arch, tma=True):
                             assert (f"attention_{name}", f"d{d}-{tag}-{cfg.text()}-tma",
                                     arch) in seen

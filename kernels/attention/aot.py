@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..aot_common import launch_specialization
-from .ops import KERNELS, TMA_CONFIGS, TMA_OPERANDS, configs_for, kernel_constants, tma_block
+from .ops import KERNELS, TMA_OPERANDS, configs_for, has_tma_tiles, kernel_constants, tma_block
 
 MODEL_SHAPE = {"tokens": 131072, "q_heads": 16, "kv_heads": 2,
                "doc_lens": [45056, 45056, 40960], "causal": True}
@@ -93,7 +93,7 @@ def _tiles(kernel: str, head_dim: int, dtype: torch.dtype) -> list[tuple]:
     hopper = configs_for(kernel, head_dim, dtype, 90)
     tiles = [(c, (80, 90, 100), False) for c in base] if hopper == base else \
         [(c, (80,), False) for c in base] + [(c, (90, 100), False) for c in hopper]
-    if (max(head_dim, 64), 2) in TMA_CONFIGS.get(kernel, {}) and dtype != torch.float32:
+    if has_tma_tiles(kernel, head_dim, dtype):
         tiles += [(c, (90, 100), True) for c in configs_for(kernel, head_dim, dtype, 90, True)]
     return tiles
 

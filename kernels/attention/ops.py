@@ -171,7 +171,7 @@ def configs_for(kernel: str, head_dim: int, dtype: torch.dtype, arch: int = 80,
     """The tile configs the autotuner may pick for ``kernel`` at this head dim and dtype on
     ``sm_<arch>``, with the main-loop operands loaded by TMA or not."""
     key = _config_key(head_dim, dtype)
-    if tma and arch >= 90 and key in TMA_CONFIGS.get(kernel, {}):
+    if tma and arch >= 90 and has_tma_tiles(kernel, head_dim, dtype):
         return TMA_CONFIGS[kernel][key]
     if arch >= 90 and key in HOPPER_CONFIGS.get(kernel, {}):
         return HOPPER_CONFIGS[kernel][key]
@@ -193,14 +193,12 @@ def tma_view(x: Tensor) -> tuple[int, int] | None:
     [rows, H * D] matrix whose row ``cu_seqlens[i] + r`` is document ``i``'s row ``r``; None when
     it is not one (heads not adjacent, batches not back to back, or not 16-byte aligned)."""
     heads, d = x.shape[-2:]
-    if x.stride(-1) != 1 or (heads > 1 and x.stride(-2) != d):
+    stride_b, row_stride, stride_h = _strides(x)
+    if x.stride(-1) != 1 or (heads > 1 and stride_h != d):
         return None
-    if x.dim() == 3:
-        rows, row_stride = x.shape[0], x.stride(0)
-    else:
-        if x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1):
-            return None
-        rows, row_stride = x.shape[0] * x.shape[1], x.stride(1)
+    if x.dim() == 4 and x.shape[0] > 1 and stride_b != x.shape[1] * row_stride:
+        return None
+    rows = _rows(x)
     if rows == 0 or x.data_ptr() % 16 or (row_stride * x.element_size()) % 16:
         return None
     return rows, row_stride
@@ -208,6 +206,11 @@ def tma_view(x: Tensor) -> tuple[int, int] | None:
 
 def _config_key(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     return max(head_dim, 64), 4 if dtype == torch.float32 else 2
+
+
+def has_tma_tiles(kernel: str, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether ``kernel`` has TMA tiles (``TMA_CONFIGS``) at this head dim and dtype (never fp32)."""
+    return _config_key(head_dim, dtype) in TMA_CONFIGS.get(kernel, {})
 
 
 def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
@@ -227,8 +230,7 @@ def use_tma(kernel: str, head_dim: int, dtype: torch.dtype, *tensors: Tensor) ->
     """Whether ``kernel`` loads ``tensors`` (its ``TMA_OPERANDS``) through TMA descriptors: TMA is
     on (:func:`_tma_wanted`), ``TMA_CONFIGS`` has tiles for this head dim and dtype and every
     tensor is TMA-addressable (:func:`tma_view`)."""
-    return (_tma_wanted(dtype, tensors[0].device)
-            and _config_key(head_dim, dtype) in TMA_CONFIGS.get(kernel, {})
+    return (_tma_wanted(dtype, tensors[0].device) and has_tma_tiles(kernel, head_dim, dtype)
             and all(tma_view(x) is not None for x in tensors))
 
 

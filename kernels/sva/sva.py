@@ -145,16 +145,19 @@ TOPK_TILES = ((1024, 8), (2048, 8), (4096, 4), (4096, 8))
 TOPK_SPILLING = {32: {(4096, 4)}, 256: {(4096, 8)}}
 
 
+def _spill_free(kp, block_v: int, num_warps: int) -> bool:
+    return (block_v, num_warps) not in TOPK_SPILLING.get(kp, set())
+
+
 def _topk_configs(kp: int | None = None):
     """The top-k kernel's autotune configs; for buffer size ``kp`` only its spill-free ones."""
-    bad = TOPK_SPILLING.get(kp, set())
     return [triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=1) for bv, nw in TOPK_TILES
-            if (bv, nw) not in bad]
+            if _spill_free(kp, bv, nw)]
 
 
 def _prune_topk(configs, named_args, **kwargs):
-    bad = TOPK_SPILLING.get(kwargs.get("KP", named_args.get("KP")), set())
-    return [c for c in configs if (c.kwargs["BLOCK_V"], c.num_warps) not in bad]
+    kp = kwargs.get("KP", named_args.get("KP"))
+    return [c for c in configs if _spill_free(kp, c.kwargs["BLOCK_V"], c.num_warps)]
 
 
 # Fixed launch config under the interpreter (autotune needs a GPU to benchmark).
